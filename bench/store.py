@@ -1,0 +1,562 @@
+"""The shared activation store: extract once, every method and metric reads the same rows.
+
+Layout of a store directory (`<cache>/stores/<id>/`, id = content hash of the request):
+
+    manifest.json                     what was extracted (model, weights sha256, hooks, ctx_len, dtype, BOS/pad
+                                      policy, tokenizer, corpus fingerprint, order, seed, counts, shards);
+                                      "status" is "complete" only after the last shard landed
+    meta/shard_00000.safetensors      per row: context_id, doc_id, position, token_id (int64);
+                                      per context: context_tokens [n_ctx, ctx_len] (pad-filled), context_doc
+    L06/shard_00000.safetensors       "acts": [rows, d_model] for layer 6 (one folder per layer)
+    shards/shard_00000.json           written last for each shard: rows, context range, sha256 of its files
+
+Row order: contexts in corpus order (documents chunked into pieces of ctx_len - 1 tokens, BOS prepended),
+rows within a context by position; BOS (position 0) and right padding are excluded. Shard files are written to
+a temporary name and renamed, and a shard counts only once its JSON exists, so a killed run never leaves a
+shard that reads as complete; rerunning resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
+
+from bench.models import cache_dir
+
+STORE_FORMAT_VERSION = 1
+BOS_POLICY = "BOS prepended to every context; the BOS position is excluded from rows"
+PAD_POLICY = "contexts right-padded to ctx_len; pad positions are excluded from rows"
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete or corrupted; the message names the file and the fix."""
+
+
+@dataclass
+class ExtractionRequest:
+    """What to extract. Every field is part of the store's identity (its content hash)."""
+
+    model: str
+    layers: list[int]
+    corpus: str = "default"
+    tokens: int = 200_000  # token budget, BOS included (contexts are taken whole until it is reached)
+    ctx_len: int = 128
+    dtype: str = "float32"  # storage dtype: float32 or float16
+    seed: int = 0  # corpus order seed
+    max_contexts_per_doc: int | None = None  # None: chunk whole documents; 1: one (truncated) context per doc
+    batch_contexts: int = 32  # forward-pass batch
+    shard_contexts: int = 128  # contexts per shard (multiple of batch_contexts)
+
+    def __post_init__(self) -> None:
+        self.layers = sorted({int(L) for L in self.layers})
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, not {self.dtype!r}")
+        if self.tokens <= 0 or self.ctx_len < 2:
+            raise ValueError("tokens must be > 0 and ctx_len >= 2")
+        if self.shard_contexts % self.batch_contexts:
+            raise ValueError("shard_contexts must be a multiple of batch_contexts")
+
+
+class ActivationBatch(NamedTuple):
+    """Rows of consecutive contexts. `acts` is [N, d] float32, or {layer: [N, d]} for multi-layer reads."""
+
+    acts: Any
+    context_ids: torch.Tensor  # [N] int64, index of the context in store order
+    doc_ids: torch.Tensor  # [N] int64, document id in the corpus
+    positions: torch.Tensor  # [N] int64, position in its context (BOS is 0, so rows start at 1)
+    token_ids: torch.Tensor  # [N] int64
+    n_tokens: int  # tokens behind these rows, BOS included
+
+
+def stores_root(root: str | Path | None = None) -> Path:
+    return Path(root) if root else cache_dir() / "stores"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return _sha256_file(path)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("epbench", "torch", "transformer-lens", "transformers", "sae-lens", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - a missing optional package is just not recorded
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Contexts
+
+
+class Context(NamedTuple):
+    doc_id: int
+    tokens: list[int]  # BOS + up to ctx_len - 1 text tokens
+
+
+def iter_contexts(documents: Any, backend: Any, ctx_len: int, max_contexts_per_doc: int | None) -> Iterator[Context]:
+    """Chunk each document into BOS + (ctx_len - 1)-token contexts, in corpus order."""
+    step = ctx_len - 1
+    for doc in documents:
+        ids = backend.encode_text(doc.text)
+        chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+        if max_contexts_per_doc is not None:
+            chunks = chunks[:max_contexts_per_doc]
+        for chunk in chunks:
+            yield Context(doc.doc_id, [backend.bos_id] + chunk)
+
+
+def plan_contexts(documents: Any, backend: Any, req: ExtractionRequest) -> list[Context]:
+    """All contexts the request covers: whole contexts until the token budget (BOS included) is reached."""
+    out, total = [], 0
+    for ctx in iter_contexts(documents, backend, req.ctx_len, req.max_contexts_per_doc):
+        if total >= req.tokens:
+            break
+        out.append(ctx)
+        total += len(ctx.tokens)
+    if not out:
+        raise ValueError(f"corpus {req.corpus!r} produced no tokens; check that it has non-empty documents")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class ActivationStore:
+    """A complete store on disk; streams rows back in batches with bounded memory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise StoreError(f"{mpath} not found: not an activation store (run `epbench extract`)")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{mpath} is corrupted ({e}); delete {self.path} and extract again") from e
+        if self.manifest.get("status") != "complete":
+            raise StoreError(f"store {self.path} is incomplete (interrupted?); rerun the same `epbench extract` to resume")
+        self._shards: list[dict[str, Any]] = self.manifest["shards"]
+        self._cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        for sh in self._shards:
+            for rel, meta in sh["files"].items():
+                p = self.path / rel
+                if not p.exists():
+                    raise StoreError(f"shard file {p} is missing; delete {self.path} and extract again")
+                if p.stat().st_size != meta["bytes"]:
+                    raise StoreError(f"shard file {p} is truncated ({p.stat().st_size} of {meta['bytes']} bytes); "
+                                     f"delete it and rerun the same `epbench extract` to rebuild it")
+
+    # identity ---------------------------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]["name"]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.manifest["layers"]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["model"]["d_model"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.manifest["n_contexts"])
+
+    def hook_name(self, layer: int) -> str:
+        return self.manifest["hooks"][str(layer)]
+
+    def provenance(self, layer: int | None = None) -> dict[str, Any]:
+        """What an artefact or result records about the data it came from."""
+        out = {"store_id": self.id, "model": self.model, "weights_sha256": self.manifest["model"]["weights_sha256"],
+               "corpus": self.manifest["corpus"]["name"], "ctx_len": self.manifest["ctx_len"]}
+        if layer is not None:
+            out.update(layer=layer, hook=self.hook_name(layer))
+        return out
+
+    def check_layer(self, layer: int) -> None:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not in store {self.id} (layers {self.layers}); extract it first")
+
+    # shard access -------------------------------------------------------------------------------------------
+    def _load(self, kind: str, index: int) -> dict[str, torch.Tensor]:
+        """Load one shard file after checking its sha256 (keeps only the last shard of each kind in memory)."""
+        key = (kind, index)
+        if key not in self._cache:
+            rel = f"{kind}/shard_{index:05d}.safetensors"
+            p = self.path / rel
+            data = p.read_bytes()
+            expected = self._shards[index]["files"][rel]["sha256"]
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise StoreError(f"shard file {p} is corrupted (sha256 mismatch); delete it and rerun the same "
+                                 "`epbench extract` to rebuild it")
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != kind}
+            self._cache[key] = load_bytes(data)
+        return self._cache[key]
+
+    def _context_rows(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row start offsets per context of a shard (for slicing whole contexts)."""
+        ctx = self._load("meta", index)["context_id"].numpy()
+        lo = self._shards[index]["contexts"][0]
+        n = self._shards[index]["contexts"][1] - lo
+        counts = np.bincount(ctx - lo, minlength=n)
+        return np.concatenate([[0], np.cumsum(counts)]), counts
+
+    def batches(
+        self,
+        layer: int | Sequence[int],
+        batch_contexts: int = 128,
+        shuffle_seed: int | None = None,
+        max_tokens: int | None = None,
+    ) -> Iterator[ActivationBatch]:
+        """Rows of `batch_contexts` consecutive contexts per batch (128 contexts x 127 rows: the paper's batch).
+
+        With several layers, `acts` is a dict layer -> [N, d] over the same rows. `shuffle_seed` permutes shard
+        order and contexts within each shard (block shuffle, so memory stays at one shard). `max_tokens` stops
+        before the batch that would start past the budget (tokens include BOS).
+        """
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        for L in layers:
+            self.check_layer(L)
+        rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+        order = rng.permutation(len(self._shards)) if rng is not None else range(len(self._shards))
+        pending: list[tuple[int, int]] = []  # (shard, context offset) of the batch being filled
+        seen_tokens = 0
+
+        def emit(items: list[tuple[int, int]]) -> ActivationBatch:
+            parts: dict[str, list] = {"acts": [], "context_id": [], "doc_id": [], "position": [], "token_id": []}
+            for sh, off in items:
+                starts, _ = self._context_rows(sh)
+                a, b = int(starts[off]), int(starts[off + 1])
+                meta = self._load("meta", sh)
+                for k in ("context_id", "doc_id", "position", "token_id"):
+                    parts[k].append(meta[k][a:b])
+                parts["acts"].append({L: self._load(f"L{L:02d}", sh)["acts"][a:b] for L in layers})
+            acts = {L: torch.cat([p[L] for p in parts["acts"]]).float() for L in layers}
+            n_rows = sum(len(x) for x in parts["position"])
+            return ActivationBatch(
+                acts[layers[0]] if isinstance(layer, int) else acts,
+                torch.cat(parts["context_id"]),
+                torch.cat(parts["doc_id"]),
+                torch.cat(parts["position"]),
+                torch.cat(parts["token_id"]),
+                n_rows + len(items),  # + one BOS per context
+            )
+
+        for sh in order:
+            n_ctx = self._shards[sh]["contexts"][1] - self._shards[sh]["contexts"][0]
+            offs = rng.permutation(n_ctx) if rng is not None else range(n_ctx)
+            for off in offs:
+                pending.append((int(sh), int(off)))
+                if len(pending) == batch_contexts:
+                    batch = emit(pending)
+                    pending = []
+                    if max_tokens is not None and seen_tokens >= max_tokens:
+                        return
+                    seen_tokens += batch.n_tokens
+                    yield batch
+        if pending and not (max_tokens is not None and seen_tokens >= max_tokens):
+            yield emit(pending)
+
+    def all_rows(self, layer: int | Sequence[int]) -> ActivationBatch:
+        """Every row of the store in order (for small stores such as concept sets)."""
+        parts = list(self.batches(layer, batch_contexts=max(1, self.n_contexts)))
+        return parts[0]
+
+    def context_tokens(self, context_id: int) -> list[int]:
+        """Token ids of one context (BOS first, padding removed)."""
+        for i, sh in enumerate(self._shards):
+            lo, hi = sh["contexts"]
+            if lo <= context_id < hi:
+                meta = self._load("meta", i)
+                toks = meta["context_tokens"][context_id - lo]
+                return toks[: int(meta["context_len"][context_id - lo])].tolist()
+        raise IndexError(f"context {context_id} not in store ({self.n_contexts} contexts)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def request_id(req: ExtractionRequest, corpus_fingerprint: dict[str, Any]) -> str:
+    blob = json.dumps({"v": STORE_FORMAT_VERSION, "request": asdict(req), "corpus": corpus_fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _shard_complete(path: Path, index: int) -> dict[str, Any] | None:
+    """The shard's record if its JSON exists and every file it names has the recorded size."""
+    jp = path / "shards" / f"shard_{index:05d}.json"
+    if not jp.exists():
+        return None
+    try:
+        rec = json.loads(jp.read_text())
+    except json.JSONDecodeError:
+        return None
+    ok = all((path / rel).exists() and (path / rel).stat().st_size == m["bytes"] for rel, m in rec["files"].items())
+    return rec if ok else None
+
+
+def _context_table(contexts: Sequence[Context], ctx_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    toks = torch.full((len(contexts), ctx_len), pad_id, dtype=torch.long)
+    for i, c in enumerate(contexts):
+        toks[i, : len(c.tokens)] = torch.tensor(c.tokens)
+    return {
+        "context_tokens": toks,
+        "context_len": torch.tensor([len(c.tokens) for c in contexts], dtype=torch.long),
+        "context_doc": torch.tensor([c.doc_id for c in contexts], dtype=torch.long),
+    }
+
+
+def _write_shard(path: Path, si: int, ctx_range: tuple[int, int], meta: dict[str, torch.Tensor],
+                 acts: dict[int, torch.Tensor]) -> dict[str, Any]:
+    """Write one shard's files atomically, then its JSON record (which is what marks it complete)."""
+    files: dict[str, dict[str, Any]] = {}
+    for kind, tensors in [("meta", meta)] + [(f"L{L:02d}", {"acts": a.contiguous()}) for L, a in acts.items()]:
+        rel = f"{kind}/shard_{si:05d}.safetensors"
+        (path / kind).mkdir(parents=True, exist_ok=True)
+        sha = _atomic_save(tensors, path / rel)
+        files[rel] = {"sha256": sha, "bytes": (path / rel).stat().st_size}
+    rec = {"index": si, "contexts": list(ctx_range), "rows": int(meta["position"].numel()),
+           "tokens": int(meta["context_len"].sum()), "files": files}
+    (path / "shards").mkdir(exist_ok=True)
+    _atomic_write_json(path / "shards" / f"shard_{si:05d}.json", rec)
+    return rec
+
+
+def _finish(path: Path, manifest: dict[str, Any], records: list[dict[str, Any]]) -> "ActivationStore":
+    manifest.update(
+        status="complete",
+        shards=records,
+        n_contexts=sum(r["contexts"][1] - r["contexts"][0] for r in records),
+        n_rows=sum(r["rows"] for r in records),
+        n_tokens=sum(r["tokens"] for r in records),
+        bytes=sum(m["bytes"] for r in records for m in r["files"].values()),
+    )
+    _atomic_write_json(path / "manifest.json", manifest)
+    return ActivationStore(path)
+
+
+def write_synthetic_store(
+    path: str | Path,
+    acts_by_layer: dict[int, torch.Tensor],
+    shard_contexts: int = 64,
+    model: str = "synthetic",
+    doc_ids: Sequence[int] | None = None,
+) -> "ActivationStore":
+    """Write arrays [n_ctx, T, d] per layer as a store (every context full length; T + 1 tokens with BOS).
+
+    For tests and for users bringing their own activations: the result reads exactly like an extracted store.
+    """
+    path = Path(path)
+    layers = sorted(acts_by_layer)
+    n_ctx, T, d = acts_by_layer[layers[0]].shape
+    doc_ids = list(doc_ids) if doc_ids is not None else list(range(n_ctx))
+    contexts = [Context(doc_ids[i], [0] + [1 + (i * T + t) % 1000 for t in range(T)]) for i in range(n_ctx)]
+    sid = hashlib.sha256(b"".join(acts_by_layer[L].numpy().tobytes() for L in layers)).hexdigest()[:16]
+    manifest = {
+        "format_version": STORE_FORMAT_VERSION, "id": f"synthetic-{sid}", "status": "in_progress",
+        "request": {"model": model, "layers": layers, "corpus": "synthetic", "tokens": n_ctx * (T + 1),
+                    "ctx_len": T + 1},
+        "model": {"name": model, "source": "arrays", "weights_sha256": sid, "d_model": d, "n_layers": max(layers) + 1},
+        "layers": layers, "hooks": {str(L): f"blocks.{L}.hook_resid_post" for L in layers}, "ctx_len": T + 1,
+        "dtype": "float32", "bos_policy": BOS_POLICY, "pad_policy": PAD_POLICY,
+        "tokenizer": {"name": "none", "vocab_size": 1001, "bos_token_id": 0, "pad_token_id": 0},
+        "corpus": {"name": "synthetic", "n_docs": len(set(doc_ids))}, "order": "array order", "seed": 0,
+        "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    records = []
+    for si, lo in enumerate(range(0, n_ctx, shard_contexts)):
+        hi = min(n_ctx, lo + shard_contexts)
+        rows = hi - lo
+        meta = {
+            "context_id": torch.arange(lo, hi).repeat_interleave(T),
+            "doc_id": torch.tensor(doc_ids[lo:hi]).repeat_interleave(T),
+            "position": torch.arange(1, T + 1).repeat(rows),
+            "token_id": torch.tensor([t for c in contexts[lo:hi] for t in c.tokens[1:]]),
+        }
+        meta.update(_context_table(contexts[lo:hi], T + 1, 0))
+        acts = {L: acts_by_layer[L][lo:hi].reshape(rows * T, d).float() for L in layers}
+        records.append(_write_shard(path, si, (lo, hi), meta, acts))
+    return _finish(path, manifest, records)
+
+
+def extract(
+    req: ExtractionRequest,
+    root: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> ActivationStore:
+    """Extract (or reuse, or resume) the store for `req`; returns it opened."""
+    from bench.corpora import get_corpus
+    from bench.models import LOADERS
+
+    if req.model not in LOADERS:
+        raise ValueError(f"unknown model {req.model!r}; available: {', '.join(sorted(LOADERS))}")
+    corpus = get_corpus(req.corpus, seed=req.seed)
+    fingerprint = corpus.fingerprint()
+    sid = request_id(req, fingerprint)
+    path = stores_root(root) / sid
+    if force and path.exists():
+        shutil.rmtree(path)
+    mpath = path / "manifest.json"
+    if mpath.exists():
+        try:
+            if json.loads(mpath.read_text()).get("status") == "complete":
+                return ActivationStore(path)
+        except json.JSONDecodeError:
+            pass  # a manifest torn mid-write is rewritten below; shards carry their own records
+
+    from bench.models import load_model
+
+    backend = load_model(req.model, device)
+    layers = backend.check_layers(req.layers)
+    contexts = plan_contexts(corpus.documents(), backend, req)
+    path.mkdir(parents=True, exist_ok=True)
+    for tmp in path.rglob("*.tmp"):
+        tmp.unlink()  # leftovers of a killed write; never read
+
+    manifest: dict[str, Any] = {
+        "format_version": STORE_FORMAT_VERSION,
+        "id": sid,
+        "status": "in_progress",
+        "request": asdict(req),
+        "model": {"name": req.model, "source": backend.source, "weights_sha256": backend.weights_sha256,
+                  "d_model": backend.d_model, "n_layers": backend.n_layers},
+        "layers": layers,
+        "hooks": {str(L): backend.hook_name(L) for L in layers},
+        "ctx_len": req.ctx_len,
+        "dtype": req.dtype,
+        "bos_policy": BOS_POLICY,
+        "pad_policy": PAD_POLICY,
+        "tokenizer": {"name": getattr(backend.tokenizer, "name_or_path", "") or req.model,
+                      "vocab_size": len(backend.tokenizer), "bos_token_id": backend.bos_id,
+                      "pad_token_id": backend.pad_id},
+        "corpus": fingerprint,
+        "order": "corpus order; each document chunked into contexts of ctx_len-1 tokens with BOS prepended",
+        "seed": req.seed,
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if mpath.exists():
+        try:
+            old = json.loads(mpath.read_text())
+            if old["model"]["weights_sha256"] != backend.weights_sha256:
+                raise StoreError(f"{path} was started with different weights of {req.model}; "
+                                 "rerun with --force to rebuild it")
+            manifest["created"] = old.get("created", manifest["created"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    _atomic_write_json(mpath, manifest)
+
+    np_dtype = torch.float32 if req.dtype == "float32" else torch.float16
+
+    n_shards = (len(contexts) + req.shard_contexts - 1) // req.shard_contexts
+    total_tokens = sum(len(c.tokens) for c in contexts)
+    records: list[dict[str, Any]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"extract {req.model} L{layers}",
+               disable=not progress)
+    for si in range(n_shards):
+        lo, hi = si * req.shard_contexts, min(len(contexts), (si + 1) * req.shard_contexts)
+        rec = _shard_complete(path, si)
+        if rec is not None and rec["contexts"] == [lo, hi]:
+            records.append(rec)
+            bar.update(sum(len(c.tokens) for c in contexts[lo:hi]))
+            continue
+        acts: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+        meta: dict[str, list] = {"context_id": [], "doc_id": [], "position": [], "token_id": []}
+        for b in range(lo, hi, req.batch_contexts):
+            chunk = contexts[b : min(hi, b + req.batch_contexts)]
+            out = backend.run_layers(_context_table(chunk, req.ctx_len, backend.pad_id)["context_tokens"], layers)
+            for i, c in enumerate(chunk):
+                n = len(c.tokens)
+                for L in layers:
+                    acts[L].append(out[L][i, 1:n].to("cpu", np_dtype))
+                meta["context_id"].append(torch.full((n - 1,), b + i, dtype=torch.long))
+                meta["doc_id"].append(torch.full((n - 1,), c.doc_id, dtype=torch.long))
+                meta["position"].append(torch.arange(1, n, dtype=torch.long))
+                meta["token_id"].append(torch.tensor(c.tokens[1:], dtype=torch.long))
+            bar.update(sum(len(c.tokens) for c in chunk))
+        meta_t = {k: torch.cat(v) for k, v in meta.items()}
+        meta_t.update(_context_table(contexts[lo:hi], req.ctx_len, backend.pad_id))
+        rec = _write_shard(path, si, (lo, hi), meta_t, {L: torch.cat(acts[L]) for L in layers})
+        records.append(rec)
+    bar.close()
+    return _finish(path, manifest, records)
+
+
+def find_stores(model: str | None = None, layer: int | None = None, root: str | Path | None = None,
+                corpus: str | None = None) -> list[ActivationStore]:
+    """Complete stores under root matching model / layer / corpus name, largest first."""
+    out = []
+    base = stores_root(root)
+    if not base.exists():
+        return out
+    for mp in base.glob("*/manifest.json"):
+        try:
+            m = json.loads(mp.read_text())
+        except json.JSONDecodeError:
+            continue
+        if m.get("status") != "complete":
+            continue
+        if model and m["model"]["name"] != model:
+            continue
+        if layer is not None and layer not in m["layers"]:
+            continue
+        if corpus and m["request"]["corpus"] != corpus:
+            continue
+        out.append(ActivationStore(mp.parent))
+    return sorted(out, key=lambda s: -s.n_tokens)
