@@ -27,7 +27,7 @@ run: install
 	$(VENV)/bin/epbench run --suite default
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests bench --suite smoke
 
 bench: install
 	$(PY) -m bench.benchmarks

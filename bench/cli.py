@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 import typing
@@ -80,7 +79,7 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
 
     cls = get_method(args.method)
     params = vars(config_parser(cls.config_cls, f"epbench build --method {args.method}").parse_args(extra))
-    method = cls(**params)
+    cls(**params)  # validate the parameters before any extraction
     stores = find_stores(args.model, args.layer, args.store_dir, args.corpus)
     if stores:
         store = stores[0]
@@ -88,22 +87,106 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
         req = ExtractionRequest(model=args.model, layers=[args.layer], corpus=args.corpus, tokens=args.tokens,
                                 ctx_len=args.ctx_len, dtype=args.dtype, seed=args.seed)
         store = extract(req, root=args.store_dir, device=args.device)
-    concepts = None
-    if getattr(cls, "supervised", False):
-        from bench.activations import concept_fit_data
+    from bench.runner import ModelContext
+    from bench.suites import MethodSpec, get_suite
 
-        concepts = concept_fit_data(args.model, args.concepts, args.layer, device=args.device)
+    suite = dataclasses.replace(get_suite("default"), models=[args.model], layers=[args.layer],
+                                concept_sets=[args.concepts], device=args.device)
+    ctx = ModelContext(suite, args.model, store=store)
+    built = ctx.build(MethodSpec(args.method, params))
     out_root = Path(args.out or Path("results") / "artefacts")
-    built = method.fit_many(store, [args.layer]) if hasattr(method, "fit_many") else {
-        args.layer: method.fit(store, args.layer, concepts=concepts)}
     print(f"store {store.path} ({store.n_tokens} tokens, {store.n_rows} rows)")
     print(f"{'artefact':<22}{'K':>8}{'rows':>10}{'tokens':>11}{'GFLOP':>10}{'wall s':>9}{'peak MiB':>10}  path")
-    for art in built.values():
+    for art in built[args.layer]:
         path = art.save(out_root / store.model / f"L{args.layer:02d}" / art.name.replace(":", "_").replace("=", ""))
         c = art.cost
         extra_info = f"  theta={art.info['theta']:.4f}" if "theta" in art.info else ""
         print(f"{art.name:<22}{art.K:>8}{c.rows:>10}{c.tokens:>11}{c.flops / 1e9:>10.2f}{c.wall_seconds:>9.2f}"
               f"{c.peak_memory_bytes / 2**20:>10.1f}  {path}{extra_info}")
+    return 0
+
+
+def _suite_from_args(args: argparse.Namespace):
+    """The named suite, narrowed by --model/--layers/--method/--metrics."""
+    from bench.suites import get_suite
+
+    suite = get_suite(args.suite)
+    return narrow_suite(suite, models=args.model, layers=args.layers, methods=args.method, metrics=args.metrics)
+
+
+def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
+    """A copy of `suite` restricted to the given models, layers, method specs and metric families.
+
+    A method name the suite already configures keeps the suite's parameters; any other name or spec string
+    (`ep:p=2`, a plugin name) is parsed as a new method spec.
+    """
+    from bench.suites import METRIC_FAMILIES, MethodSpec
+
+    suite = dataclasses.replace(suite)
+    if models:
+        suite.models = list(models)
+    if layers:
+        suite.layers = sorted(set(layers))
+    if methods:
+        known = {s.label: s for s in suite.methods}
+        specs = []
+        for text in methods:
+            if text in known:
+                specs.append(known[text])
+                continue
+            spec = MethodSpec.parse(text)
+            base = next((s for s in suite.methods if s.method == spec.method), None)
+            if base is not None:
+                spec.params = {**base.params, **spec.params}
+            specs.append(spec)
+        from methods.registry import get_method
+
+        for spec in specs:
+            get_method(spec.method)  # unknown names fail here, listing what exists
+        suite.methods = specs
+    if metrics and metrics != ["all"]:
+        suite.metrics = [m for m in METRIC_FAMILIES if m in set(metrics)]
+        unknown = set(metrics) - set(METRIC_FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown metric families {sorted(unknown)}; valid: {', '.join(METRIC_FAMILIES)}, all")
+    suite.__post_init__()
+    return suite
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.runner import run_suite
+
+    suite = _suite_from_args(args)
+    run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=not args.no_report)
+    print_table(run.dir)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from bench.runner import run_suite
+    from bench.suites import get_suite
+
+    base = get_suite("default")
+    suite = narrow_suite(base, models=[args.model], layers=[args.layer], methods=args.methods, metrics=args.metrics)
+    suite = dataclasses.replace(suite, name="score", store_tokens=args.tokens or base.store_tokens)
+    t0 = time.time()
+    run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=False)
+    print_table(run.dir)
+    print(f"\n[epbench] scored in {time.time() - t0:.0f} s; rows in {run.dir / 'rows.csv'}")
+    return 0
+
+
+def print_table(run_dir: Path) -> None:
+    """The headline table of a run, in the terminal."""
+    from bench.report import headline_md, load_rows
+
+    print("\n".join(headline_md(load_rows(run_dir))))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import report_main
+
+    print(report_main(args.run_id, Path(args.results_dir)))
     return 0
 
 
@@ -123,13 +206,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="artefacts root (default results/artefacts)")
     _add_store_args(p, layers=False)
 
+    p = sub.add_parser("run", help="run a benchmark suite (resumes finished cells), then write its report")
+    p.add_argument("--suite", default="default", help="suite name (bench/suites/<name>.py)")
+    p.add_argument("--model", nargs="+", default=None, help="restrict to these models")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="restrict to these layers")
+    p.add_argument("--method", nargs="+", default=None, help="restrict to / add these method specs or plugins")
+    p.add_argument("--metrics", nargs="+", default=None, help="restrict to these metric families")
+    p.add_argument("--run-id", default=None, help="results/<run-id> (default: <suite>-<config hash>)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--force", action="store_true", help="recompute finished cells")
+    p.add_argument("--no-report", action="store_true")
+
+    p = sub.add_parser("score", help="score methods on one model and layer; prints one table")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--methods", nargs="+", default=["ep:p=2", "sae", "kmeans", "pca", "random", "diffmean"])
+    p.add_argument("--metrics", nargs="+", default=["all"])
+    p.add_argument("--tokens", type=int, default=None, help="store token budget (default: the default suite's)")
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("report", help="write results/<run-id>/REPORT.md and plots (latest run by default)")
+    p.add_argument("run_id", nargs="?", default=None)
+    p.add_argument("--results-dir", default="results")
+
     args, extra = parser.parse_known_args(argv)
     try:
         if args.cmd == "build":
             return cmd_build(args, extra)
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
-        return cmd_extract(args)
+        return {"extract": cmd_extract, "run": cmd_run, "score": cmd_score, "report": cmd_report}[args.cmd](args)
     except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"epbench: error: {msg}", file=sys.stderr)

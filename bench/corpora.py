@@ -23,7 +23,9 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+
+import numpy as np
 
 # ----------------------------------------------------------------------------------------------
 # Shared types
@@ -496,3 +498,40 @@ def get_corpus(spec: str, seed: int = 0, max_docs: int | None = None) -> Corpus:
         text_field = parts[2] if len(parts) > 2 and parts[2] else "text"
         return HFCorpus(parts[0], split, text_field, max_docs)
     raise ValueError(f"unknown corpus spec {spec!r}; valid specs: {', '.join(VALID_SPECS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out-of-distribution text for the OOD metric
+
+OOD_SETS = ("random_tokens", "shuffled_words", "code")
+
+
+def ood_texts(kind: str, reference: Sequence[str], tokenizer: Any = None, seed: int = 0, n: int = 100,
+              n_tokens: int = 40) -> list[str]:
+    """Out-of-distribution texts: `random_tokens` (uniform token ids decoded), `shuffled_words` (each reference
+    text's words in random order), `code` (Python standard-library source, another corpus entirely)."""
+    rng = np.random.default_rng(seed)
+    if kind == "random_tokens":
+        if tokenizer is None:
+            raise ValueError("random_tokens needs the model's tokenizer")
+        special = set(getattr(tokenizer, "all_special_ids", []))
+        vocab = np.array([i for i in range(len(tokenizer)) if i not in special])
+        return [tokenizer.decode(rng.choice(vocab, size=n_tokens).tolist()) for _ in range(n)]
+    if kind == "shuffled_words":
+        picks = rng.choice(len(reference), size=min(n, len(reference)), replace=False)
+        out = []
+        for i in sorted(picks):
+            words = reference[i].split()
+            out.append(" ".join(words[j] for j in rng.permutation(len(words))))
+        return out
+    if kind == "code":
+        import sysconfig
+
+        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        chunks = []
+        for f in files[: 4 * n]:
+            text = f.read_text(errors="replace")
+            chunks += [text[i : i + 600] for i in range(0, min(len(text), 3000), 600)]
+        picks = rng.choice(len(chunks), size=min(n, len(chunks)), replace=False)
+        return [chunks[i] for i in sorted(picks)]
+    raise ValueError(f"unknown OOD set {kind!r}; valid: {', '.join(OOD_SETS)}")

@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -437,14 +437,18 @@ def extract(
     force: bool = False,
     progress: bool = True,
     device: str | None = None,
+    corpus: Any = None,
 ) -> ActivationStore:
-    """Extract (or reuse, or resume) the store for `req`; returns it opened."""
+    """Extract (or reuse, or resume) the store for `req`; returns it opened.
+
+    `corpus` passes an in-memory Corpus (e.g. a concept set's texts) instead of resolving `req.corpus`.
+    """
     from bench.corpora import get_corpus
     from bench.models import LOADERS
 
     if req.model not in LOADERS:
         raise ValueError(f"unknown model {req.model!r}; available: {', '.join(sorted(LOADERS))}")
-    corpus = get_corpus(req.corpus, seed=req.seed)
+    corpus = corpus if corpus is not None else get_corpus(req.corpus, seed=req.seed)
     fingerprint = corpus.fingerprint()
     sid = request_id(req, fingerprint)
     path = stores_root(root) / sid
@@ -520,7 +524,8 @@ def extract(
         meta: dict[str, list] = {"context_id": [], "doc_id": [], "position": [], "token_id": []}
         for b in range(lo, hi, req.batch_contexts):
             chunk = contexts[b : min(hi, b + req.batch_contexts)]
-            out = backend.run_layers(_context_table(chunk, req.ctx_len, backend.pad_id)["context_tokens"], layers)
+            longest = max(len(c.tokens) for c in chunk)  # pad to the batch's longest context, not ctx_len
+            out = backend.run_layers(_context_table(chunk, longest, backend.pad_id)["context_tokens"], layers)
             for i, c in enumerate(chunk):
                 n = len(c.tokens)
                 for L in layers:

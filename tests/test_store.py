@@ -109,7 +109,7 @@ def test_bad_inputs(tmp_path):
 KILL_SCRIPT = """
 import sys
 from bench.store import ExtractionRequest, extract
-req = ExtractionRequest(model="tiny-gemma2-wide", layers=[0, 1], corpus=sys.argv[2], tokens=12000, ctx_len=64,
+req = ExtractionRequest(model="tiny-gemma2", layers=[1, 3], corpus=sys.argv[2], tokens=20000, ctx_len=64,
                         batch_contexts=4, shard_contexts=8)
 extract(req, root=sys.argv[1], progress=False)
 """

@@ -1,0 +1,52 @@
+"""pytest plugin for the benchmark suites: `pytest bench/ --suite default` collects one test per cell."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("epbench", "epbench benchmark suites")
+    group.addoption("--suite", default="smoke", help="suite to collect (bench/suites/<name>.py); default smoke")
+    group.addoption("--method", action="append", default=None,
+                    help="restrict to / add a method spec or plugin name (repeatable), e.g. --method ep:p=2")
+    group.addoption("--model", action="append", default=None, help="restrict to a model (repeatable)")
+    group.addoption("--layer", action="append", type=int, default=None, help="restrict to a layer (repeatable)")
+    group.addoption("--metric", action="append", default=None, help="restrict to a metric family (repeatable)")
+    group.addoption("--run-id", default=None, help="results/<run-id> (default <suite>-<config hash>)")
+    group.addoption("--results-dir", default="results", help="where runs are written")
+    group.addoption("--recompute", action="store_true", help="recompute cells finished by an earlier run")
+
+
+def _suite(config):
+    from bench.cli import narrow_suite
+    from bench.suites import get_suite
+
+    o = config.option
+    return narrow_suite(get_suite(o.suite), models=o.model, layers=o.layer, methods=o.method, metrics=o.metric)
+
+
+def pytest_generate_tests(metafunc):
+    if "cell" in metafunc.fixturenames:
+        from bench.runner import expand_cells
+
+        cells = expand_cells(_suite(metafunc.config))
+        metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
+
+
+@pytest.fixture(scope="session")
+def suite_run(request):
+    """The Run all cells of this session append to; the report is written when the session ends."""
+    from bench.runner import Run
+
+    o = request.config.option
+    run = Run(_suite(request.config), o.results_dir, o.run_id, force=o.recompute, progress=False)
+    yield run
+    run.finish()
+    from bench.report import write_report
+
+    write_report(run.dir)

@@ -1,0 +1,523 @@
+"""The suite runner: expands a suite into cells, computes each once, appends tidy rows to results/<run-id>/.
+
+A cell is (model, layer, method spec, metric family); cross-layer families use layer -1 ("all layers").
+Finished cells are JSON files under `results/<run-id>/cells/`; a rerun skips them (resume), `force` recomputes.
+Artefacts are cached by (store id, method spec) under the epbench cache, so cells of every family share one build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from bench.activations import TextActivations
+from bench.models import cache_dir
+from bench.store import ActivationStore, ExtractionRequest, extract, library_versions
+from bench.suites import CROSS_LAYER_FAMILIES, MethodSpec, Suite
+from methods.base import Artefact, load_artefact
+from metrics.common import MetricRow
+
+ALL_LAYERS = -1
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    layer: int  # ALL_LAYERS for cross-layer families
+    spec: str  # MethodSpec.label
+    family: str
+
+    @property
+    def id(self) -> str:
+        layer = "all" if self.layer == ALL_LAYERS else f"L{self.layer:02d}"
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.model}__{layer}__{self.spec}__{self.family}")
+
+
+def expand_cells(suite: Suite) -> list[Cell]:
+    """Every cell of the grid, builds first so later cells reuse the artefacts."""
+    cells = []
+    for model in suite.models:
+        for spec in suite.methods:
+            for family in suite.metrics:
+                if family in CROSS_LAYER_FAMILIES:
+                    if len(suite.layers) > 1:
+                        cells.append(Cell(model, ALL_LAYERS, spec.label, family))
+                    continue
+                if not _applies(spec, family, suite):
+                    continue
+                layers = suite.family_layers.get(family, suite.layers)
+                cells.extend(Cell(model, layer, spec.label, family) for layer in layers)
+    order = {f: i for i, f in enumerate(suite.metrics)}
+    return sorted(cells, key=lambda c: (suite.models.index(c.model), order[c.family] != 0, c.layer == ALL_LAYERS,
+                                        order[c.family], c.layer))
+
+
+def _applies(spec: MethodSpec, family: str, suite: Suite) -> bool:
+    """Whether a family has anything to measure for a method (e.g. no loss recovered without a decoder)."""
+    from methods.registry import get_method
+
+    cls = get_method(spec.method)
+    if family == "correspondence":
+        return spec.method == "ep" and _sae_spec(suite) is not None
+    if family == "recon":
+        return bool(cls.artefact_cls.reconstructs)
+    if family == "causal":
+        return not cls.supervised and bool(suite.prompt_sets)
+    if family == "stability":
+        return not cls.supervised  # DiffMean's features are the concepts themselves at every layer
+    return True
+
+
+def _sae_spec(suite: Suite) -> MethodSpec | None:
+    return next((s for s in suite.methods if s.method == "sae"), None)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+class ModelContext:
+    """Everything the cells of one model share, loaded lazily and cached (stores are content-addressed)."""
+
+    def __init__(self, suite: Suite, model: str, progress: bool = True, store: ActivationStore | None = None):
+        self.suite, self.model_name, self.progress = suite, model, progress
+        if store is not None:
+            self.__dict__["store"] = store  # pre-fill the cached property
+        self._artefacts: dict[str, dict[int, list[Artefact]]] = {}
+        self._text_acts: dict[tuple[str, int], TextActivations] = {}
+
+    # data ---------------------------------------------------------------------------------------------------
+    @cached_property
+    def backend(self):
+        from bench.models import load_model
+
+        return load_model(self.model_name, self.suite.device)
+
+    @cached_property
+    def store(self) -> ActivationStore:
+        s = self.suite
+        req = ExtractionRequest(model=self.model_name, layers=s.layers, corpus=s.corpus, tokens=s.store_tokens,
+                                ctx_len=s.ctx_len, seed=s.seed)
+        return extract(req, progress=self.progress, device=s.device)
+
+    def text_store(self, name: str, texts: list[str]) -> ActivationStore:
+        """A store over evaluation texts (one context per text, truncated to ctx_len), content-addressed."""
+        from bench.corpora import Document, ListCorpus
+
+        corpus = ListCorpus(name, [Document(i, t, name) for i, t in enumerate(texts)])
+        req = ExtractionRequest(model=self.model_name, layers=self.suite.layers, corpus=name,
+                                tokens=10**12, ctx_len=self.suite.ctx_len, max_contexts_per_doc=1)
+        return extract(req, progress=self.progress, device=self.suite.device, corpus=corpus)
+
+    def text_acts(self, name: str, texts: list[str], layer: int) -> TextActivations:
+        key = (name, layer)
+        if key not in self._text_acts:
+            rows = self.text_store(name, texts).all_rows(layer)
+            self._text_acts[key] = TextActivations(rows.acts, rows.doc_ids, len(texts))
+        return self._text_acts[key]
+
+    @cached_property
+    def concept_sets(self) -> dict[str, Any]:
+        from bench.concepts import get_concept_set
+
+        s = self.suite
+        out = {}
+        for name in s.concept_sets:
+            kw: dict[str, Any] = {}
+            if name in ("wordnet", "bbc"):
+                kw["per_concept"] = s.concept_examples
+            if name == "wordnet" and s.max_concepts:
+                kw["n_concepts"] = s.max_concepts
+            out[name] = get_concept_set(name, seed=s.seed, **kw)
+        return out
+
+    def concept_acts(self, name: str, layer: int) -> TextActivations:
+        return self.text_acts(f"concepts:{name}", self.concept_sets[name].texts(), layer)
+
+    @cached_property
+    def prompt_sets(self) -> dict[str, Any]:
+        from bench.prompts import filter_correct, get_prompt_set
+
+        return {n: filter_correct(get_prompt_set(n), self.backend.score_prompts) for n in self.suite.prompt_sets}
+
+    @cached_property
+    def unrelated_texts(self) -> list[str]:
+        """Held-out prose for side effects (KL) and loss recovered: texts of the first concept set."""
+        texts = next(iter(self.concept_sets.values())).texts() if self.concept_sets else []
+        rng = np.random.default_rng(self.suite.seed)
+        pick = rng.choice(len(texts), size=min(self.suite.side_effect_texts, len(texts)), replace=False)
+        return [texts[i] for i in sorted(pick)]
+
+    @cached_property
+    def ood_texts(self) -> dict[str, list[str]]:
+        from bench.corpora import ood_texts
+
+        reference = self.unrelated_id_texts
+        return {n: ood_texts(n, reference, tokenizer=self.backend.tokenizer, seed=self.suite.seed)
+                for n in self.suite.ood_sets}
+
+    @cached_property
+    def unrelated_id_texts(self) -> list[str]:
+        """In-distribution held-out texts for the OOD metric: every concept-set text (never in the build stream)."""
+        return [t for cs in self.concept_sets.values() for t in cs.texts()]
+
+    def heldout_acts(self, layer: int) -> TextActivations:
+        """TextActivations of `unrelated_id_texts`: the concept sets' activations, concatenated."""
+        parts = [self.concept_acts(name, layer) for name in self.concept_sets]
+        offsets = np.cumsum([0] + [p.n_texts for p in parts])
+        return TextActivations(torch.cat([p.acts for p in parts]),
+                               torch.cat([p.text_ids + int(o) for p, o in zip(parts, offsets)]), int(offsets[-1]))
+
+    # artefacts ----------------------------------------------------------------------------------------------
+    def spec(self, label: str) -> MethodSpec:
+        return next(s for s in self.suite.methods if s.label == label)
+
+    def artefacts(self, label: str, layer: int) -> list[Artefact]:
+        """The artefacts of one method spec at one layer (built for every suite layer at once, cached on disk)."""
+        if label not in self._artefacts:
+            self._artefacts[label] = self._load_or_build(self.spec(label))
+        return self._artefacts[label][layer]
+
+    def _artefact_dir(self, spec: MethodSpec) -> Path:
+        return cache_dir() / "artefacts" / self.store.id / f"{spec.method}-{spec.key()}"
+
+    def _load_or_build(self, spec: MethodSpec) -> dict[int, list[Artefact]]:
+        root = self._artefact_dir(spec)
+        index = root / "index.json"
+        if index.exists():
+            try:
+                saved = json.loads(index.read_text())
+                return {int(L): [load_artefact(root / p) for p in paths] for L, paths in saved.items()}
+            except (ValueError, FileNotFoundError, KeyError):
+                pass  # damaged cache: rebuild below
+        built = self.build(spec)
+        paths: dict[str, list[str]] = {}
+        for L, arts in built.items():
+            paths[str(L)] = []
+            for i, a in enumerate(arts):
+                rel = f"L{L:02d}/{i:02d}-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', a.name)}"
+                a.save(root / rel)
+                paths[str(L)].append(rel)
+        _atomic_json(index, paths)
+        return built
+
+    def build(self, spec: MethodSpec) -> dict[int, list[Artefact]]:
+        """Fit one method spec at every suite layer (EP: all layers and percentiles from one pass)."""
+        from methods.registry import get_method
+
+        cls = get_method(spec.method)
+        method = cls(**spec.params)
+        layers = self.suite.layers
+        if spec.method == "ep":
+            built = method.fit_many(self.store, layers)
+            return {L: [built[(L, p)] for p in method.config.percentiles] for L in layers}
+        out: dict[int, list[Artefact]] = {}
+        for L in layers:
+            if cls.supervised:
+                out[L] = []
+                for name, cs in self.concept_sets.items():
+                    art = method.fit(self.store, L, concepts=self.concept_fit_data(name, L))
+                    art.info["concept_set"] = name
+                    art.info["label"] = f"{art.name}[{name}]"
+                    out[L].append(art)
+            elif hasattr(method, "fit_many") and spec.method == "kmeans" and isinstance(method.config.k, list):
+                out[L] = list(method.fit_many(self.store, L))
+            else:
+                out[L] = [method.fit(self.store, L)]
+            for a in out[L]:
+                if spec.label != spec.method and a.info.get("label", a.method) == a.method:
+                    a.info["label"] = spec.label
+        return out
+
+    def concept_fit_data(self, name: str, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Train-split token rows per concept: (positives, negatives incl. hard negatives), for DiffMean."""
+        cs, ta = self.concept_sets[name], self.concept_acts(name, layer)
+        train = cs.examples[cs.examples["split"] == "train"]
+        out = {}
+        for concept in cs.concepts:
+            ex = train[train["concept"] == concept]
+            pos = torch.tensor(sorted(set(ex.loc[ex["category"] == "positive", "text_id"])))
+            neg = torch.tensor(sorted(set(ex.loc[ex["category"] != "positive", "text_id"])))
+            out[concept] = (ta.acts[torch.isin(ta.text_ids, pos)], ta.acts[torch.isin(ta.text_ids, neg)])
+        return out
+
+    def for_concept_set(self, arts: list[Artefact], name: str) -> list[Artefact]:
+        """Supervised artefacts are scored only on the concept set they were fitted on."""
+        return [a for a in arts if not a.supervised or a.info.get("concept_set") == name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metric families: each (context, cell) -> rows
+
+
+def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.common import row
+
+    rows = []
+    for a in ctx.artefacts(cell.spec, cell.layer):
+        c = a.cost
+        values = {"build.K": a.K, "build.tokens": c.tokens, "build.rows": c.rows, "build.flops": c.flops,
+                  "build.wall_seconds": c.wall_seconds, "build.peak_memory_mb": c.peak_memory_bytes / 2**20}
+        if "theta" in a.info:
+            values.update({"build.theta": a.info["theta"], "build.percentile": a.info["p"],
+                           "build.center_norm": a.info["calibration"]["center_norm"]})
+        rows += [row(a, k, v, layer=cell.layer) for k, v in values.items()]
+    return rows
+
+
+def _concept_family(fn_name: str) -> Callable[[ModelContext, Cell], list[MetricRow]]:
+    def run(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+        import importlib
+
+        module, func = fn_name.split(":")
+        fn = getattr(importlib.import_module(module), func)
+        rows = []
+        for name, cs in ctx.concept_sets.items():
+            ta = ctx.concept_acts(name, cell.layer)
+            for a in ctx.for_concept_set(ctx.artefacts(cell.spec, cell.layer), name):
+                for r in fn(a, cs, ta, seed=ctx.suite.seed):
+                    r.detail = f"{name}" + (f"; {r.detail}" if r.detail else "")
+                    rows.append(r)
+        return rows
+
+    return run
+
+
+def _ood_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.ood import ood_metrics
+
+    ind = ctx.heldout_acts(cell.layer)
+    oods = {n: ctx.text_acts(f"ood:{n}", t, cell.layer) for n, t in ctx.ood_texts.items()}
+    rows = []
+    for a in ctx.artefacts(cell.spec, cell.layer):
+        rows += ood_metrics(a, ind, oods, theta=a.info.get("theta"), seed=ctx.suite.seed)
+    return rows
+
+
+def _causal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.causal import CausalConfig, causal_metrics
+
+    rows = []
+    cfg = CausalConfig(seed=ctx.suite.seed, alphas=(0.5, 1.0, 2.0))
+    for name, ps in ctx.prompt_sets.items():
+        for a in ctx.artefacts(cell.spec, cell.layer):
+            if a.supervised:
+                continue  # DiffMean directions are per concept set, not per prompt attribute
+            for r in causal_metrics(a, ctx.backend, ps, ctx.unrelated_texts[:4], config=cfg, layer=cell.layer):
+                r.detail = name + (f"; {r.detail}" if r.detail else "")
+                rows.append(r)
+    return rows
+
+
+def _recon_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.reconstruction import reconstruction_metrics
+
+    rows = []
+    for a in ctx.artefacts(cell.spec, cell.layer):
+        rows += reconstruction_metrics(a, ctx.backend, ctx.unrelated_texts, layer=cell.layer, ctx_len=ctx.suite.ctx_len,
+                                       seed=ctx.suite.seed)
+    return rows
+
+
+def _cost_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.cost import compare_costs, encode_throughput
+
+    acts = next(ctx.store.batches(cell.layer, batch_contexts=32)).acts
+    rows = []
+    arts = ctx.artefacts(cell.spec, cell.layer)
+    for a in arts:
+        rows += encode_throughput(a, acts, seed=ctx.suite.seed)
+    sae = _sae_spec(ctx.suite)
+    if ctx.spec(cell.spec).method == "ep" and sae is not None:
+        for a in arts:
+            rows += compare_costs(a, ctx.artefacts(sae.label, cell.layer)[0], seed=ctx.suite.seed)
+    return rows
+
+
+def _correspondence_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.correspondence import correspondence_metrics
+
+    sae = ctx.artefacts(_sae_spec(ctx.suite).label, cell.layer)[0]
+    inputs = ctx.heldout_acts(cell.layer)
+    rows = []
+    for a in ctx.artefacts(cell.spec, cell.layer):
+        rows += correspondence_metrics(a, sae, inputs, unit="text", seed=ctx.suite.seed)
+    return rows
+
+
+def _stability_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.stability import StabilityConfig, concept_stability, cross_layer_stability
+
+    layers = ctx.suite.layers
+    per_layer = {L: ctx.artefacts(cell.spec, L) for L in layers}
+    cfg = StabilityConfig(seed=ctx.suite.seed, max_tokens=min(ctx.suite.store_tokens, 30_000))
+    rows = []
+    for i in range(len(per_layer[layers[0]])):  # one chain per variant (EP percentile, k-means k, concept set)
+        chain = {L: per_layer[L][i] for L in layers}
+        rows += cross_layer_stability(chain, store=ctx.store, config=cfg)
+        name = next(iter(ctx.concept_sets), None)
+        if name is not None:
+            acts = {L: ctx.concept_acts(name, L) for L in layers}
+            for r in concept_stability(chain, ctx.concept_sets[name], acts, config=cfg):
+                r.detail = f"{name}; {r.detail}"
+                rows.append(r)
+    return rows
+
+
+FAMILIES: dict[str, Callable[[ModelContext, Cell], list[MetricRow]]] = {
+    "build": _build_rows,
+    "retrieval": _concept_family("metrics.retrieval:retrieval_metrics"),
+    "detection": _concept_family("metrics.detection:detection_metrics"),
+    "probing": _concept_family("metrics.probing:probing_metrics"),
+    "ood": _ood_rows,
+    "causal": _causal_rows,
+    "recon": _recon_rows,
+    "cost": _cost_rows,
+    "correspondence": _correspondence_rows,
+    "stability": _stability_rows,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run: results directory, resume, provenance
+
+
+class Run:
+    """One run of a suite: `results/<run-id>/` with run.json, cells/*.json, rows.parquet, rows.csv."""
+
+    def __init__(self, suite: Suite, results_dir: str | Path = "results", run_id: str | None = None,
+                 force: bool = False, progress: bool = True):
+        self.suite = suite
+        self.run_id = run_id or f"{suite.name}-{suite.key()}"
+        self.dir = Path(results_dir) / self.run_id
+        self.cells_dir = self.dir / "cells"
+        self.progress = progress
+        if force and self.cells_dir.exists():
+            for p in self.cells_dir.glob("*.json"):
+                p.unlink()
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self._contexts: dict[str, ModelContext] = {}
+        meta_path = self.dir / "run.json"
+        self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
+            "run_id": self.run_id, "suite": suite.name, "config": suite.to_dict(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": 0.0}
+        self.meta.update(versions=library_versions(), git_commit=git_commit(), machine=machine_info())
+        _atomic_json(meta_path, self.meta)
+
+    def context(self, model: str) -> ModelContext:
+        if model not in self._contexts:
+            if self.suite.needs_hub:
+                from bench.models import HUB_MODELS, check_hub_access
+
+                if model in HUB_MODELS:
+                    check_hub_access(HUB_MODELS[model])
+            self._contexts[model] = ModelContext(self.suite, model, self.progress)
+        return self._contexts[model]
+
+    def cells(self) -> list[Cell]:
+        return expand_cells(self.suite)
+
+    def cell_path(self, cell: Cell) -> Path:
+        return self.cells_dir / f"{cell.id}.json"
+
+    def is_done(self, cell: Cell) -> bool:
+        return self.cell_path(cell).exists()
+
+    def run_cell(self, cell: Cell) -> list[MetricRow]:
+        """Compute one cell (or read it back when a previous run finished it) and record its rows."""
+        path = self.cell_path(cell)
+        if path.exists():
+            return [MetricRow(**r) for r in json.loads(path.read_text())["rows"]]
+        ctx = self.context(cell.model)
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        t0 = time.perf_counter()
+        rows = FAMILIES[cell.family](ctx, cell)
+        wall = time.perf_counter() - t0
+        record = {
+            "cell": cell.__dict__, "cell_id": cell.id, "started": started,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": wall,
+            "store_id": ctx.store.id, "method_family": ctx.spec(cell.spec).method,
+            "rows": [r.to_dict() for r in rows],
+        }
+        _atomic_json(path, record)
+        self.meta["wall_seconds"] = float(self.meta.get("wall_seconds", 0.0)) + wall
+        _atomic_json(self.dir / "run.json", self.meta)
+        self.write_tables()
+        return rows
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for p in sorted(self.cells_dir.glob("*.json")):
+            yield json.loads(p.read_text())
+
+    def write_tables(self) -> Path:
+        """Rebuild rows.parquet / rows.csv from the finished cells (tidy rows + provenance columns)."""
+        import pandas as pd
+
+        rows = []
+        for rec in self.records():
+            for r in rec["rows"]:
+                rows.append({**r, "suite": self.suite.name, "cell_id": rec["cell_id"],
+                             "method_family": rec["method_family"], "store_id": rec["store_id"],
+                             "git_commit": self.meta["git_commit"], "started": rec["started"],
+                             "finished": rec["finished"]})
+        df = pd.DataFrame(rows)
+        df.to_parquet(self.dir / "rows.parquet.tmp", index=False)
+        (self.dir / "rows.parquet.tmp").replace(self.dir / "rows.parquet")
+        df.to_csv(self.dir / "rows.csv.tmp", index=False)
+        (self.dir / "rows.csv.tmp").replace(self.dir / "rows.csv")
+        return self.dir / "rows.parquet"
+
+    def finish(self) -> None:
+        self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _atomic_json(self.dir / "run.json", self.meta)
+        self.write_tables()
+
+
+def run_suite(suite: Suite, results_dir: str | Path = "results", run_id: str | None = None, force: bool = False,
+              progress: bool = True, report: bool = True) -> Run:
+    """Run every cell (skipping finished ones), then write the report."""
+    from tqdm.auto import tqdm
+
+    run = Run(suite, results_dir, run_id, force, progress)
+    cells = run.cells()
+    todo = [c for c in cells if not run.is_done(c)]
+    print(f"[epbench] suite {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished "
+          f"-> {run.dir}", flush=True)
+    for cell in tqdm(todo, desc=f"suite {suite.name}", unit="cell", disable=not progress):
+        run.run_cell(cell)
+    run.finish()
+    if report:
+        from bench.report import write_report
+
+        print(f"[epbench] report: {write_report(run.dir)}", flush=True)
+    return run

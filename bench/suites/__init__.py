@@ -1,0 +1,110 @@
+"""Benchmark suites: a declared grid of models x layers x method specs x metric families.
+
+A suite module defines `SUITE = Suite(...)`; `get_suite(name)` finds `bench/suites/<name>.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+METRIC_FAMILIES = (
+    "build", "retrieval", "detection", "probing", "ood", "causal", "recon", "cost", "correspondence", "stability",
+)
+# Families computed once per (model, method spec) across all layers rather than per layer.
+CROSS_LAYER_FAMILIES = ("stability",)
+
+# Short parameter aliases accepted in method strings such as "ep:p=2" or "sae:width=2048,k=32".
+ALIASES = {"ep": {"p": "percentiles"}, "kmeans": {}}
+
+
+def _parse_value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+@dataclass
+class MethodSpec:
+    """One method configuration of the grid. `label` names its cells; `params` override config defaults."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.method
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        """`name` or `name:key=value,key=value` (list values with `/`: `ep:p=1/2/4`)."""
+        name, _, rest = text.partition(":")
+        params: dict[str, Any] = {}
+        for item in filter(None, rest.split(",")):
+            if "=" not in item:
+                raise ValueError(f"method spec {text!r}: expected key=value, got {item!r}")
+            k, v = item.split("=", 1)
+            k = ALIASES.get(name, {}).get(k, k)
+            params[k] = [_parse_value(x) for x in v.split("/")] if "/" in v else _parse_value(v)
+        if name == "ep" and "percentiles" in params and not isinstance(params["percentiles"], list):
+            params["percentiles"] = [params["percentiles"]]
+        return cls(name, params, label=text)
+
+    def key(self) -> str:
+        blob = json.dumps({"method": self.method, "params": self.params}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+@dataclass
+class Suite:
+    """A benchmark grid and the data it is evaluated on."""
+
+    name: str
+    description: str
+    models: list[str]
+    layers: list[int]
+    methods: list[MethodSpec]
+    metrics: list[str] = field(default_factory=lambda: list(METRIC_FAMILIES))
+    corpus: str = "default"  # build stream
+    store_tokens: int = 60_000  # activation rows the methods are built on (tokens, BOS included)
+    ctx_len: int = 128
+    concept_sets: list[str] = field(default_factory=lambda: ["wordnet", "bbc"])
+    concept_examples: int = 20  # per concept and category and split (wordnet/bbc)
+    max_concepts: int | None = None
+    prompt_sets: list[str] = field(default_factory=lambda: ["capitals", "city_country", "city_continent"])
+    ood_sets: list[str] = field(default_factory=lambda: ["random_tokens", "shuffled_words"])
+    side_effect_texts: int = 16  # unrelated texts for KL side effects and loss recovered
+    family_layers: dict[str, list[int]] = field(default_factory=dict)  # e.g. {"causal": [12]}: fewer layers for
+    # the expensive model-in-the-loop families; every other family runs at every layer
+    seed: int = 0
+    device: str | None = None
+    needs_hub: bool = False  # weights come from the Hugging Face hub: fail fast offline
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - set(METRIC_FAMILIES))
+        if unknown:
+            raise ValueError(f"suite {self.name}: unknown metric families {unknown}; valid: {list(METRIC_FAMILIES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+
+
+def get_suite(name: str) -> Suite:
+    """Load `bench/suites/<name>.py`'s SUITE."""
+    if name not in available_suites():
+        raise ValueError(f"unknown suite {name!r}; available: {', '.join(available_suites())}")
+    return import_module(f"bench.suites.{name}").SUITE

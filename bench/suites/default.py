@@ -1,0 +1,26 @@
+"""default: the main job. The embedded model, every method family and metric family, three layers, CPU."""
+
+from bench.suites import MethodSpec, Suite
+
+SUITE = Suite(
+    name="default",
+    description=("SmolLM2-135M-Instruct (embedded), layers 6/12/18, EP at p = 1, 2, 4, 8, 10 against a TopK SAE "
+                 "trained on the same store, spherical k-means, PCA, random directions and DiffMean (supervised)"),
+    models=["smollm2-135m"],
+    layers=[6, 12, 18],
+    methods=[
+        MethodSpec("ep", {"percentiles": [1, 2, 4, 8, 10], "n_calib": 40_000}),
+        MethodSpec("sae", {"architecture": "topk", "width": 2048, "k": 32, "training_tokens": 60_000,
+                           "batch_rows": 1024, "buffer_rows": 16_384, "lr": 1e-3}),
+        MethodSpec("kmeans", {"k": 512, "n_rows": 40_000, "n_calib": 40_000}),
+        MethodSpec("pca", {"k": 64}),
+        MethodSpec("random", {"k": 512}),
+        MethodSpec("diffmean"),
+    ],
+    store_tokens=60_000,
+    concept_sets=["wordnet", "bbc"],
+    concept_examples=20,
+    prompt_sets=["city_continent", "city_country"],
+    ood_sets=["random_tokens", "shuffled_words", "code"],
+    side_effect_texts=12,
+)

@@ -1,0 +1,537 @@
+"""Sparse autoencoders through sae-lens: pretrained (e.g. Gemma Scope, by release and id) or trained on the store.
+
+Two ways to get an SAE over one hook:
+- **pretrained**: `SAEConfig(release="gemma-scope-2b-pt-res-canonical", sae_id="layer_{layer}/width_16k/canonical")`
+  loads through `sae_lens.SAE.from_pretrained` (sae-lens' own hub loaders and weight conversions) and refuses an
+  SAE whose recorded model, hook or width d does not match the store.
+- **trained**: `SAEConfig(architecture="topk", width=4096, k=32, training_tokens=...)` trains an sae-lens training
+  SAE with sae-lens' own `SAETrainer`, fed from `store.batches(layer)` through sae-lens' `mixing_buffer`, then
+  converts it to sae-lens' inference form (TopK decoder norms folded; BatchTopK saved as JumpReLU).
+
+Either way the artefact keeps only plain tensors (W_enc [d, K], W_dec [K, d], b_enc, b_dec, threshold for
+JumpReLU) plus JSON info, and encodes with its own torch code, so reading a saved artefact needs no sae-lens.
+`to_sae_lens()` rebuilds the equivalent sae-lens module (e.g. for HookedSAETransformer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from methods.base import Artefact, Method, MethodConfig
+
+if TYPE_CHECKING:
+    from bench.store import ActivationStore
+
+TRAIN_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")  # what `architecture` may name (sae-lens training classes)
+ENCODE_ARCHITECTURES = ("jumprelu", "topk", "standard")  # inference forms the artefact can encode
+NORMALIZATIONS = ("none", "expected_average_only_in")
+
+# Our model names -> the names sae-lens records for SAEs of that model (release `model:` or cfg metadata).
+MODEL_ALIASES: dict[str, tuple[str, ...]] = {
+    "gemma-2-2b": ("gemma-2-2b", "google/gemma-2-2b"),
+    "gemma-2-2b-it": ("gemma-2-2b-it", "google/gemma-2-2b-it"),
+    "gemma-3-270m": ("gemma-3-270m", "google/gemma-3-270m"),
+    "smollm2-135m": ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+# Published training tokens of Gemma Scope SAEs by the width in their folder name (pt models), from the table of the
+# Gemma Scope model card (adapted from Fig. 1 of Lieberum et al. 2024, arXiv:2408.05147): 16k -> 4B, 32k..524k -> 8B,
+# 1m -> 16B. The EP paper's compute comparison uses the same 4e9 for the 16k SAE.
+_GEMMA_SCOPE_TOKENS = {"16k": 4e9, "32k": 8e9, "65k": 8e9, "131k": 8e9, "262k": 8e9, "524k": 8e9, "1m": 16e9}
+_GEMMA_SCOPE_SOURCE = "published: Gemma Scope model card / Lieberum et al. 2024 (arXiv:2408.05147), Fig. 1"
+
+
+@dataclasses.dataclass
+class SAEConfig(MethodConfig):
+    """Pretrained (set `release`) or trained-on-the-store (leave `release` None) sparse autoencoder."""
+
+    # --- pretrained ---
+    release: str | None = None  # sae-lens release name (pretrained_saes.yaml); None: train an SAE on the store
+    sae_id: str = "layer_{layer}/width_16k/canonical"  # SAE id in the release; `{layer}` is filled from the fit layer
+    allow_model_mismatch: bool = False  # accept an SAE of another model (Gemma Scope 2b-pt on 2b-it, as AxBench does)
+    # --- trained ---
+    architecture: str = "topk"  # topk | batchtopk (saved as JumpReLU) | jumprelu (quadratic L0 penalty around k)
+    width: int = 4096  # number of latents K
+    k: int = 32  # active latents per row (topk), mean per row (batchtopk), target L0 (jumprelu)
+    training_tokens: int = 2_000_000  # activation rows to train on (the store is looped over as often as needed)
+    lr: float = 3e-4  # Adam learning rate: constant, then linear decay to 0 over the last lr_decay_frac of steps
+    lr_decay_frac: float = 0.2  # fraction of steps in the final decay (sae-lens' lr_decay_steps)
+    batch_rows: int = 4096  # rows per optimiser step
+    buffer_rows: int = 65_536  # sae-lens mixing buffer: rows shuffled together before batches are served
+    l0_coefficient: float = 1.0  # jumprelu only: weight of the L0 penalty
+    dead_feature_window: int = 1000  # steps without firing before a latent counts as dead (TopK aux loss)
+    normalize_activations: str = "none"  # or expected_average_only_in (scale to norm sqrt(d); folded in at the end)
+    seed: int = 0  # weight init, store shuffle and mixing-buffer order
+    device: str | None = None  # None: CUDA when available
+    progress: bool = True  # our per-batch row bar (sae-lens' trainer shows its own, updated every 100 steps)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in TRAIN_ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; choose one of {TRAIN_ARCHITECTURES}")
+        if self.width <= 0:
+            raise ValueError(f"width must be > 0 (number of SAE latents), got {self.width}")
+        if not 0 < self.k <= self.width:
+            raise ValueError(f"k must be in 1..width ({self.width}), got {self.k}; lower k or raise width")
+        if self.training_tokens < self.batch_rows or self.batch_rows <= 0:
+            raise ValueError(f"need 0 < batch_rows <= training_tokens, got batch_rows={self.batch_rows}, "
+                             f"training_tokens={self.training_tokens}")
+        if self.buffer_rows < self.batch_rows:
+            raise ValueError(f"buffer_rows ({self.buffer_rows}) must be >= batch_rows ({self.batch_rows})")
+        if self.lr <= 0 or not 0 <= self.lr_decay_frac < 1:
+            raise ValueError(f"need lr > 0 and 0 <= lr_decay_frac < 1, got {self.lr}, {self.lr_decay_frac}")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, "
+                             f"got {self.normalize_activations!r}")
+
+
+class SAEArtefact(Artefact):
+    """An SAE as plain tensors: W_enc [d, K], W_dec [K, d], b_enc [K], b_dec [d] (+ threshold [K] for JumpReLU)."""
+
+    method = "sae"
+    reconstructs = True
+    readouts = ("latent", "pre")  # latent: the SAE's feature activations; pre: dense encoder pre-activations
+    config_cls = SAEConfig
+
+    # Interventions: the inherited `ablate` projects the unit decoder direction out of x with centre zero (no
+    # `center` tensor); b_dec is not used as a pivot because it is a reconstruction offset, not a data centre.
+    # `ablate_latents` is the SAE-native alternative (subtract the latents' decoded contribution).
+
+    @property
+    def architecture(self) -> str:
+        return self.info["architecture"]
+
+    @property
+    def directions(self) -> torch.Tensor:
+        """Unit-normalised decoder rows, [K, d] float32."""
+        if getattr(self, "_dirs", None) is None:
+            w = self.tensors["W_dec"].float()
+            self._dirs = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self._dirs
+
+    @property
+    def decoder_raw(self) -> torch.Tensor:
+        """Decoder rows as the SAE uses them for reconstruction, [K, d]."""
+        return self.tensors["W_dec"]
+
+    def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors as float32 on `device` (cached, so GPU callers do not copy a 16k-wide SAE per batch)."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if device not in cache:
+            cache[device] = {k: v.to(device, torch.float32) for k, v in self.tensors.items()}
+        return cache[device]
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._on(x.device)
+        if self.info.get("apply_b_dec_to_input", False):
+            x = x - t["b_dec"]
+        pre = x @ t["W_enc"] + t["b_enc"]
+        if self.info.get("rescale_acts_by_decoder_norm", False):
+            pre = pre * t["W_dec"].norm(dim=1)
+        return pre
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, readout: str | None = None) -> torch.Tensor:
+        """Feature activations [N, K] (readout `latent`, default) or encoder pre-activations (`pre`)."""
+        readout = readout or "latent"
+        if readout not in self.readouts:
+            raise ValueError(f"{self.name}: unknown readout {readout!r}; choose one of {self.readouts}")
+        pre = self._pre(self.check_input(x))
+        if readout == "pre":
+            return pre
+        arch = self.architecture
+        if arch == "jumprelu":
+            return pre.relu() * (pre > self._on(pre.device)["threshold"]).to(pre.dtype)
+        if arch == "topk":
+            vals, idx = pre.topk(int(self.info["k"]), dim=1)
+            return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
+        if arch == "standard":
+            return pre.relu()
+        raise ValueError(f"{self.name}: cannot encode architecture {arch!r}; supported: {ENCODE_ARCHITECTURES}")
+
+    @torch.no_grad()
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction f @ W_dec + b_dec, [N, d]."""
+        if f.ndim != 2 or f.shape[1] != self.K:
+            raise ValueError(f"{self.name}: expected features [N, {self.K}], got {tuple(f.shape)}")
+        t = self._on(f.device)
+        f = f.float()
+        if self.info.get("rescale_acts_by_decoder_norm", False):
+            f = f / t["W_dec"].norm(dim=1)
+        return f @ t["W_dec"] + t["b_dec"]
+
+    @torch.no_grad()
+    def ablate_latents(self, x: torch.Tensor, features: Sequence[int]) -> torch.Tensor:
+        """SAE-native ablation: subtract the chosen latents' decoded contribution (error term kept)."""
+        f = self.encode(x)
+        keep = torch.zeros(self.K, dtype=f.dtype, device=f.device)
+        keep[list(features)] = 1.0
+        return x - (self.decode(f * keep) - self._on(f.device)["b_dec"])
+
+    def to_sae_lens(self) -> Any:
+        """The equivalent sae-lens inference SAE (imports sae-lens)."""
+        from sae_lens import SAE
+
+        cfg: dict[str, Any] = {
+            "architecture": self.architecture, "d_in": self.d_model, "d_sae": self.K, "dtype": "float32",
+            "device": "cpu", "apply_b_dec_to_input": bool(self.info.get("apply_b_dec_to_input", False)),
+            "normalize_activations": "none",
+            "metadata": {"model_name": self.info.get("sae_model_name"), "hook_name": self.info.get("hook")},
+        }
+        if self.architecture == "topk":
+            cfg.update(k=int(self.info["k"]),
+                       rescale_acts_by_decoder_norm=bool(self.info.get("rescale_acts_by_decoder_norm", False)))
+        sae = SAE.from_dict(cfg)
+        sae.load_state_dict({k: v.float() for k, v in self.tensors.items()})
+        return sae
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost measurement
+
+
+class _PeakMemory:
+    """Peak CUDA allocation, or peak RSS growth on CPU (sampled every 10 ms), over a block."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        proc = psutil.Process()
+        self._base = proc.memory_info().rss
+        self._top = self._base
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.01):
+                self._top = max(self._top, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.startswith("cuda"):
+            self.peak = int(torch.cuda.max_memory_allocated() - self._base)
+            return
+        self._stop.set()
+        self._thread.join()
+        import psutil
+
+        self._top = max(self._top, psutil.Process().memory_info().rss)
+        self.peak = int(max(0, self._top - self._base))
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _common_info(store: "ActivationStore", layer: int) -> dict[str, Any]:
+    from bench.store import library_versions
+
+    return {**store.provenance(layer), "versions": library_versions()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretrained
+
+
+def _directory() -> dict[str, Any]:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def _model_names(model: str) -> tuple[str, ...]:
+    return MODEL_ALIASES.get(model, (model,))
+
+
+def _releases_for(model: str) -> list[str]:
+    names = set(_model_names(model))
+    return sorted(r for r, v in _directory().items() if v.model in names)
+
+
+def resolve_pretrained(release: str, sae_id_template: str, layer: int) -> tuple[str, Any]:
+    """Check release and id against sae-lens' pretrained_saes.yaml; returns (sae_id, directory entry)."""
+    try:
+        sae_id = sae_id_template.format(layer=layer)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"sae_id {sae_id_template!r}: only the placeholder {{layer}} is filled in ({e})") from e
+    directory = _directory()
+    if release not in directory:
+        gemma = sorted(r for r in directory if r.startswith("gemma-scope"))
+        raise ValueError(f"unknown sae-lens release {release!r}; Gemma Scope releases: {', '.join(gemma)} "
+                         f"({len(directory)} releases in sae-lens' pretrained_saes.yaml)")
+    entry = directory[release]
+    if sae_id not in entry.saes_map:
+        here = sorted(i for i in entry.saes_map if i.startswith(f"layer_{layer}/"))
+        shown = here or sorted(entry.saes_map)[:20]
+        raise ValueError(f"SAE id {sae_id!r} is not in release {release!r}; ids "
+                         f"{'at layer ' + str(layer) if here else '(first 20)'}: {', '.join(shown)}")
+    return sae_id, entry
+
+
+def published_training_tokens(repo_id: str, folder: str) -> float | None:
+    """Training tokens the SAE's authors published, where we know them (Gemma Scope pt SAEs), else None."""
+    m = re.search(r"width_(\w+?)(/|$)", folder)
+    if m and repo_id.startswith("google/gemma-scope-") and "-pt-" in repo_id:
+        return _GEMMA_SCOPE_TOKENS.get(m.group(1))
+    return None
+
+
+def _check_match(store: "ActivationStore", layer: int, sae_model: str | None, sae_hook: str | None, d_in: int,
+                 what: str, allow_model_mismatch: bool) -> None:
+    """Refuse an SAE built for another model, hook or width."""
+    if sae_model is not None and sae_model not in _model_names(store.model) and not allow_model_mismatch:
+        raise ValueError(f"{what} was trained on model {sae_model!r} but store {store.id} holds {store.model!r}; "
+                         f"use a release for {store.model} ({', '.join(_releases_for(store.model)) or 'none known'}) "
+                         "or set allow_model_mismatch=True to apply it anyway")
+    hook = store.hook_name(layer)
+    if sae_hook is not None and sae_hook != hook:
+        raise ValueError(f"{what} reads hook {sae_hook!r} but the store's layer {layer} is {hook!r}; "
+                         "pick the SAE id for this layer (sae_id='layer_{layer}/...') or fit another layer")
+    if d_in != store.d_model:
+        raise ValueError(f"{what} has d_in {d_in} but store {store.id} has d_model {store.d_model}; "
+                         "the SAE belongs to another model or hook")
+
+
+def load_pretrained(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEArtefact:
+    """Load `cfg.release` / `cfg.sae_id` through sae-lens and wrap it, after checking it fits the store."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from sae_lens import SAE
+
+    store.check_layer(layer)
+    sae_id, entry = resolve_pretrained(cfg.release, cfg.sae_id, layer)
+    what = f"SAE {cfg.release}/{sae_id}"
+    # The release's model is known before any download: refuse early rather than fetch hundreds of MB.
+    if entry.model not in _model_names(store.model) and not cfg.allow_model_mismatch:
+        _check_match(store, layer, entry.model, None, store.d_model, what, False)
+    device = _device(cfg.device)
+    t0 = time.perf_counter()
+    with _PeakMemory(device) as mem:
+        try:
+            sae = SAE.from_pretrained(cfg.release, sae_id, device=device, dtype="float32")
+        except LocalEntryNotFoundError as e:
+            raise RuntimeError(f"{what} is not in the local Hugging Face cache and the hub is unreachable or "
+                               f"HF_HUB_OFFLINE=1 is set: unset HF_HUB_OFFLINE and check network/login "
+                               f"(`hf auth login`) so sae-lens can download {entry.repo_id}") from e
+    wall = time.perf_counter() - t0
+    meta = sae.cfg.metadata
+    _check_match(store, layer, meta.model_name, meta.hook_name, sae.cfg.d_in, what, cfg.allow_model_mismatch)
+    arch = sae.cfg.architecture()
+    if arch not in ENCODE_ARCHITECTURES:
+        raise ValueError(f"{what} has architecture {arch!r}; this adapter encodes {ENCODE_ARCHITECTURES}")
+    if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
+        raise ValueError(f"{what} needs run-time normalisation {sae.cfg.normalize_activations!r} / reshape "
+                         f"{sae.cfg.reshape_activations!r}, which this adapter does not reproduce")
+    tensors = _tensors_of(sae, arch)
+    folder = entry.saes_map[sae_id]
+    published = published_training_tokens(entry.repo_id, folder)
+    info = _common_info(store, layer)
+    info.update(
+        source="pretrained", release=cfg.release, sae_id=sae_id, repo_id=entry.repo_id,
+        folder=folder, neuronpedia_id=entry.neuronpedia_id.get(sae_id),
+        sae_model_name=meta.model_name, sae_hook_name=meta.hook_name,
+        model_mismatch=meta.model_name not in _model_names(store.model),
+        **_arch_info(sae, arch),
+        label=f"sae:{sae_id}",
+        published_training_tokens=published,
+        published_training_tokens_source=_GEMMA_SCOPE_SOURCE if published else "unknown",
+        expected_variance_explained=entry.expected_var_explained.get(sae_id),
+        expected_l0=entry.expected_l0.get(sae_id),
+        cost={"rows": 0, "tokens": 0, "flops": 0.0, "wall_seconds": wall, "peak_memory_bytes": mem.peak,
+              "device": device},
+    )
+    return SAEArtefact(cfg, tensors, info)
+
+
+def _tensors_of(sae: Any, arch: str) -> dict[str, torch.Tensor]:
+    names = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if arch == "jumprelu" else [])
+    return {n: getattr(sae, n).detach().float().cpu().clone().contiguous() for n in names}
+
+
+def _arch_info(sae: Any, arch: str) -> dict[str, Any]:
+    return {
+        "architecture": arch,
+        "k": int(sae.cfg.k) if arch == "topk" else None,
+        "width": int(sae.cfg.d_sae),
+        "apply_b_dec_to_input": bool(sae.cfg.apply_b_dec_to_input),
+        "rescale_acts_by_decoder_norm": bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclasses.dataclass
+class _Meter:
+    rows: int = 0  # rows served to the trainer
+    tokens: int = 0  # tokens (BOS included) behind the store batches read
+    store_passes: int = 0  # completed passes over the store
+
+
+def _store_batches(store: "ActivationStore", layer: int, seed: int, meter: _Meter) -> Iterator[torch.Tensor]:
+    """Endless activation rows: one shuffled pass over the store after another (shuffle seed + pass index)."""
+    while True:
+        got = False
+        for batch in store.batches(layer, shuffle_seed=seed + meter.store_passes):
+            got = True
+            meter.tokens += batch.n_tokens
+            yield batch.acts
+        if not got:
+            raise ValueError(f"store {store.id} has no rows at layer {layer}; extract a non-empty corpus")
+        meter.store_passes += 1
+
+
+def _checked(batches: Iterator[torch.Tensor], meter: _Meter, bar: Any) -> Iterator[torch.Tensor]:
+    """Refuse non-finite rows; count rows served and advance the progress bar once per batch."""
+    for b in batches:
+        if not torch.isfinite(b).all():
+            raise ValueError("activation rows contain NaN/inf; re-extract the store (or drop the bad contexts)")
+        meter.rows += b.shape[0]
+        bar.update(min(b.shape[0], bar.total - bar.n))
+        yield b
+
+
+def training_flops(rows: int, width: int, d: int) -> float:
+    """Analytic FLOPs of training: 12 * rows * width * d.
+
+    Per row the encoder and the (dense) decoder matmuls cost 2*d*K multiply-adds = 4*d*K FLOPs forward, and the
+    backward pass about twice that: 12*d*K, i.e. the usual 6 FLOPs per parameter per row with 2*d*K parameters.
+    The TopK auxiliary loss (dead latents only) and elementwise work are not counted.
+    """
+    return 12.0 * rows * width * d
+
+
+def _training_sae(cfg: SAEConfig, d: int, device: str, store: "ActivationStore", layer: int) -> Any:
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae_cls, cfg_cls = get_sae_training_class(cfg.architecture)
+    extra: dict[str, Any] = {}
+    if cfg.architecture == "topk":
+        extra = {"k": cfg.k}
+    elif cfg.architecture == "batchtopk":
+        extra = {"k": float(cfg.k)}
+    elif cfg.architecture == "jumprelu":
+        # The Gemma Scope 2 quadratic L0 penalty steers the mean L0 toward k, so k means the same for all three.
+        extra = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(cfg.k),
+                 "l0_coefficient": cfg.l0_coefficient}
+    sae_cfg = cfg_cls(d_in=d, d_sae=cfg.width, dtype="float32", device=device,
+                      normalize_activations=cfg.normalize_activations,
+                      metadata=SAEMetadata(model_name=store.model, hook_name=store.hook_name(layer)), **extra)
+    return sae_cls(sae_cfg)
+
+
+def _to_inference(training_sae: Any) -> Any:
+    """sae-lens' own training -> inference conversion (as `save_inference_model` does, in memory)."""
+    from sae_lens import SAE
+
+    state = {k: v.detach().clone() for k, v in training_sae.state_dict().items()}
+    training_sae.process_state_dict_for_saving_inference(state)
+    sae = SAE.from_dict(training_sae.cfg.get_inference_sae_cfg_dict())
+    sae.load_state_dict({k: v.float().cpu() for k, v in state.items()})
+    return sae.to("cpu")
+
+
+@torch.no_grad()
+def _fit_stats(art: SAEArtefact, store: "ActivationStore", layer: int, max_rows: int = 16_384) -> dict[str, float]:
+    """In-sample explained variance, mean L0 and never-firing latents on up to max_rows store rows."""
+    rows, seen = [], 0
+    for batch in store.batches(layer, shuffle_seed=10_007):
+        rows.append(batch.acts)
+        seen += batch.acts.shape[0]
+        if seen >= max_rows:
+            break
+    x = torch.cat(rows)[:max_rows]
+    f = art.encode(x)
+    err = (x - art.decode(f)).pow(2).sum()
+    var = (x - x.mean(0)).pow(2).sum()
+    return {"explained_variance": float(1 - err / var), "mean_l0": float((f > 0).float().sum(1).mean()),
+            "frac_latents_never_fired": float(((f > 0).sum(0) == 0).float().mean()), "eval_rows": int(x.shape[0])}
+
+
+def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEArtefact:
+    """Train an sae-lens SAE with sae-lens' SAETrainer on rows streamed from the store."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.mixing_buffer import mixing_buffer
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    store.check_layer(layer)
+    d, device = store.d_model, _device(cfg.device)
+    meter = _Meter()
+    t0 = time.perf_counter()
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    bar = tqdm(total=cfg.training_tokens, unit="row", unit_scale=True, disable=not cfg.progress,
+               desc=f"train {cfg.architecture} SAE w{cfg.width} on {store.model} L{layer}")
+    with _PeakMemory(device) as mem, torch.random.fork_rng(devices=cuda_devices):
+        # fork_rng keeps the seeding (init, mixing-buffer randperm) local to this fit
+        torch.manual_seed(cfg.seed)
+        sae = _training_sae(cfg, d, device, store, layer)
+        batches = mixing_buffer(cfg.buffer_rows, cfg.batch_rows, _store_batches(store, layer, cfg.seed, meter))
+        rows = _checked(batches, meter, bar)
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=cfg.training_tokens, train_batch_size_samples=cfg.batch_rows, lr=cfg.lr,
+            lr_end=cfg.lr, lr_decay_steps=int(cfg.lr_decay_frac * (cfg.training_tokens // cfg.batch_rows)),
+            device=device, dead_feature_window=cfg.dead_feature_window,
+            logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, save_final_checkpoint=False,
+            n_batches_for_norm_estimate=max(1, min(1000, cfg.training_tokens // cfg.batch_rows // 10)),
+        )
+        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=rows)
+        t_train = time.perf_counter()
+        try:
+            trainer.fit()
+        finally:
+            bar.close()
+        t_train = time.perf_counter() - t_train
+        dead = int(trainer.dead_neurons.sum())
+        inference = _to_inference(trainer.sae)
+    wall = time.perf_counter() - t0
+    arch = inference.cfg.architecture()
+    info = _common_info(store, layer)
+    info.update(
+        source="trained", training_architecture=cfg.architecture, sae_model_name=store.model,
+        sae_hook_name=store.hook_name(layer), **_arch_info(inference, arch),
+        label=f"sae:{cfg.architecture}-w{cfg.width}-k{cfg.k}",
+        training={"rows": trainer.n_training_samples, "steps": trainer.n_training_steps,
+                  "store_passes": meter.store_passes, "train_seconds": t_train,
+                  "rows_per_second": trainer.n_training_samples / t_train,
+                  "dead_latents_at_end": dead, "flops_formula": "12 * rows * width * d",
+                  "trainer": "sae_lens.training.sae_trainer.SAETrainer"},
+        published_training_tokens=None,
+        cost={"rows": meter.rows, "tokens": meter.tokens,
+              "flops": training_flops(trainer.n_training_samples, cfg.width, d),
+              "wall_seconds": wall, "peak_memory_bytes": mem.peak, "device": device},
+    )
+    art = SAEArtefact(cfg, _tensors_of(inference, arch), info)
+    art.info["fit_stats"] = _fit_stats(art, store, layer)
+    return art
+
+
+class SAEMethod(Method):
+    """Sparse autoencoder: a pretrained sae-lens SAE (`release` set) or one trained on the store."""
+
+    name = "sae"
+    config_cls = SAEConfig
+    artefact_cls = SAEArtefact
+
+    def fit(self, store: "ActivationStore", layer: int,
+            concepts: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> SAEArtefact:
+        """Load (pretrained) or train the SAE for `layer` of `store`; concepts are ignored (unsupervised)."""
+        if self.config.release:
+            return load_pretrained(self.config, store, layer)
+        return train_on_store(self.config, store, layer)

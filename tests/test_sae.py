@@ -1,0 +1,272 @@
+"""SAE adapter: Gemma Scope loading through sae-lens' unmodified loader, training with sae-lens' trainer on a
+store with planted sparse directions, encode equality with sae-lens, save/load, and error cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.store import write_synthetic_store
+from methods.base import load_artefact
+from methods.sae import SAEArtefact, SAEConfig, SAEMethod, training_flops
+
+RELEASE = "gemma-scope-2b-pt-res-canonical"
+REPO = "google/gemma-scope-2b-pt-res"
+D_GS, W_GS = 64, 128  # tiny-gemma2's d_model; a small width so the test file is a few hundred kB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gemma Scope, offline
+
+
+def _release_entry():
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()[RELEASE]
+
+
+@pytest.fixture
+def gemma_scope_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Hugging Face cache holding Gemma Scope-format params.npz files, as `hf download` would lay them out.
+
+    sae-lens' own `gemma_2` loader then reads them through `hf_hub_download` offline. The one thing changed in
+    sae-lens is data, not code: that loader hard-codes gemma-2-2b's d_in (2304) and the width named by the folder
+    (16k), so the release's `config_overrides` (sae-lens' mechanism for per-release fixes) set d_in 64, d_sae 128.
+    """
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / f"models--{REPO.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(_release_entry(), "config_overrides", {"d_in": D_GS, "d_sae": W_GS})
+
+    def write(layer: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        params = {
+            "W_enc": (0.2 * rng.standard_normal((D_GS, W_GS))).astype(np.float32),
+            "W_dec": (0.2 * rng.standard_normal((W_GS, D_GS))).astype(np.float32),
+            "b_enc": (0.1 * rng.standard_normal(W_GS)).astype(np.float32),
+            "b_dec": (0.1 * rng.standard_normal(D_GS)).astype(np.float32),
+            "threshold": rng.uniform(0.0, 1.0, W_GS).astype(np.float32),
+        }
+        folder = _release_entry().saes_map[f"layer_{layer}/width_16k/canonical"]
+        target = repo_dir / "snapshots" / commit / folder
+        target.mkdir(parents=True, exist_ok=True)
+        np.savez(target / "params.npz", **params)
+        return params
+
+    return write
+
+
+def _gs_store(path: Path, layer: int = 12, d: int = D_GS, model: str = "gemma-2-2b"):
+    acts = torch.randn(4, 16, d, generator=torch.Generator().manual_seed(1))
+    return write_synthetic_store(path, {layer: acts}, model=model)
+
+
+def test_gemma_scope_loads_through_sae_lens_offline(tmp_path: Path, gemma_scope_cache) -> None:
+    params = gemma_scope_cache(12)
+    store = _gs_store(tmp_path / "store")
+    art = SAEMethod(release=RELEASE).fit(store, 12)
+
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        assert torch.equal(art.tensors[name], torch.from_numpy(params[name])), name
+    assert art.architecture == "jumprelu" and art.K == W_GS and art.d_model == D_GS
+    assert art.info["sae_hook_name"] == "blocks.12.hook_resid_post"
+    assert art.info["sae_model_name"] == "gemma-2-2b"
+    assert art.info["sae_id"] == "layer_12/width_16k/canonical"
+    assert art.info["folder"] == _release_entry().saes_map["layer_12/width_16k/canonical"]
+    assert art.info["published_training_tokens"] == 4e9
+    assert "published" in art.info["published_training_tokens_source"]
+    assert art.cost.rows == 0 and art.cost.tokens == 0
+
+    # JumpReLU by hand (numpy): Gemma Scope does not subtract b_dec from the input.
+    x = store.all_rows(12).acts
+    pre = x.numpy().astype(np.float64) @ params["W_enc"] + params["b_enc"]
+    hand = np.where(pre > params["threshold"], np.maximum(pre, 0), 0.0)
+    np.testing.assert_allclose(art.encode(x, readout="pre").numpy(), pre, atol=1e-5)
+    f = art.encode(x)
+    assert (f > 0).any() and (f == 0).any()
+    np.testing.assert_allclose(f.numpy(), hand, atol=1e-5)
+    np.testing.assert_allclose(art.decode(f).numpy(), hand @ params["W_dec"] + params["b_dec"], atol=1e-4)
+
+    # ... and sae-lens' own encode on its own loaded module.
+    from sae_lens import SAE
+
+    sae = SAE.from_pretrained(RELEASE, "layer_12/width_16k/canonical")
+    with torch.no_grad():
+        torch.testing.assert_close(art.encode(x), sae.encode(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(art.decode(f), sae.decode(f), rtol=0, atol=1e-6)
+
+    back = load_artefact(art.save(tmp_path / "gs-art"))
+    assert back.info == art.info and torch.equal(back.encode(x), art.encode(x))
+
+    # Unit directions and assignment.
+    torch.testing.assert_close(art.directions.norm(dim=1), torch.ones(W_GS))
+    a = art.assign(x)
+    torch.testing.assert_close(a.score, f.max(dim=1).values)
+
+
+def test_gemma_scope_mismatches_are_refused(tmp_path: Path, gemma_scope_cache) -> None:
+    gemma_scope_cache(12)
+    gemma_scope_cache(13)
+    store = _gs_store(tmp_path / "s12")
+    with pytest.raises(ValueError, match="hook 'blocks.13.hook_resid_post'.*'blocks.12.hook_resid_post'"):
+        SAEMethod(release=RELEASE, sae_id="layer_13/width_16k/canonical").fit(store, 12)
+    with pytest.raises(ValueError, match="d_in 64 but store .* d_model 32"):
+        SAEMethod(release=RELEASE).fit(_gs_store(tmp_path / "d32", d=32), 12)
+    # Another model: refused before anything is read from the hub.
+    with pytest.raises(ValueError, match="trained on model 'gemma-2-2b'.*allow_model_mismatch"):
+        SAEMethod(release=RELEASE).fit(_gs_store(tmp_path / "smol", model="smollm2-135m"), 12)
+    it_store = _gs_store(tmp_path / "it", model="gemma-2-2b-it")
+    with pytest.raises(ValueError, match="allow_model_mismatch"):
+        SAEMethod(release=RELEASE).fit(it_store, 12)
+    art = SAEMethod(release=RELEASE, allow_model_mismatch=True).fit(it_store, 12)
+    assert art.info["model_mismatch"] is True and art.info["model"] == "gemma-2-2b-it"
+
+
+def test_unknown_pretrained_ids_list_what_exists(tmp_path: Path) -> None:
+    store = _gs_store(tmp_path / "s")
+    with pytest.raises(ValueError, match="width_65k/canonical"):
+        SAEMethod(release=RELEASE, sae_id="layer_{layer}/width_3k/canonical").fit(store, 12)
+    with pytest.raises(ValueError, match="unknown sae-lens release.*gemma-scope-2b-pt-res-canonical"):
+        SAEMethod(release="gemma-scope-nope").fit(store, 12)
+
+
+def test_missing_weights_offline_names_the_fix(tmp_path: Path, gemma_scope_cache) -> None:
+    store = _gs_store(tmp_path / "s")  # the cache fixture is active but holds no file for layer 12
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+        SAEMethod(release=RELEASE).fit(store, 12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training on a store with planted sparse directions
+
+
+D, N_TRUE = 32, 16
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory):
+    """Rows = 2 of 16 planted unit directions with magnitudes in [1, 3], plus small noise."""
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(N_TRUE, D, generator=g)
+    true /= true.norm(dim=1, keepdim=True)
+    n_ctx, T = 128, 64
+    idx = torch.stack([torch.randperm(N_TRUE, generator=g)[:2] for _ in range(n_ctx * T)])
+    mag = 1 + 2 * torch.rand(n_ctx * T, 2, generator=g)
+    x = (mag[:, :, None] * true[idx]).sum(1) + 0.02 * torch.randn(n_ctx * T, D, generator=g)
+    store = write_synthetic_store(tmp_path_factory.mktemp("planted"), {3: x.reshape(n_ctx, T, D)})
+    return store, true
+
+
+@pytest.fixture(scope="module")
+def topk_art(planted) -> SAEArtefact:
+    store, _ = planted
+    cfg = SAEConfig(architecture="topk", width=32, k=2, training_tokens=100_000, batch_rows=256, buffer_rows=4096,
+                    lr=3e-3, dead_feature_window=50, device="cpu")
+    return SAEMethod(cfg).fit(store, 3)
+
+
+def test_topk_recovers_planted_directions(planted, topk_art: SAEArtefact) -> None:
+    store, true = planted
+    x = store.all_rows(3).acts
+    f = topk_art.encode(x)
+    ev = 1 - (x - topk_art.decode(f)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert ev > 0.8
+    assert ((f > 0).sum(dim=1) <= 2).all()
+    best = (topk_art.directions @ true.T).max(dim=0).values  # per planted direction, its best decoder row
+    assert int((best > 0.9).sum()) >= 12, best
+    assert topk_art.info["fit_stats"]["explained_variance"] > 0.8
+
+
+def test_training_cost_is_recorded(topk_art: SAEArtefact) -> None:
+    c, tr = topk_art.cost, topk_art.info["training"]
+    steps = -(-100_000 // 256)
+    assert tr["steps"] == steps and tr["rows"] == steps * 256
+    assert c.rows >= tr["rows"] and c.tokens > c.rows  # BOS tokens and the mixing buffer's read-ahead
+    assert c.flops == training_flops(tr["rows"], 32, D) == 12.0 * tr["rows"] * 32 * D
+    assert c.wall_seconds > 0 and c.peak_memory_bytes >= 0 and c.device == "cpu"
+    assert tr["trainer"].endswith("SAETrainer") and tr["store_passes"] >= 10
+    assert topk_art.info["hook"] == "blocks.3.hook_resid_post" and topk_art.info["source"] == "trained"
+
+
+def test_encode_matches_sae_lens_and_roundtrips(tmp_path: Path, planted, topk_art: SAEArtefact) -> None:
+    store, _ = planted
+    x = store.all_rows(3).acts[:500]
+    sae = topk_art.to_sae_lens()
+    with torch.no_grad():
+        torch.testing.assert_close(topk_art.encode(x), sae.encode(x), rtol=0, atol=1e-5)
+        f = topk_art.encode(x)
+        torch.testing.assert_close(topk_art.decode(f), sae.decode(f), rtol=0, atol=1e-5)
+    path = topk_art.save(tmp_path / "art")
+    back = load_artefact(path)
+    assert isinstance(back, SAEArtefact) and back.config == topk_art.config
+    assert back.tensors.keys() == topk_art.tensors.keys()
+    for k, v in topk_art.tensors.items():
+        assert torch.equal(back.tensors[k], v), k
+    assert back.info == topk_art.info
+    assert torch.equal(back.encode(x), topk_art.encode(x))
+    assert torch.equal(back.directions, topk_art.directions)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_other_architectures_convert_like_sae_lens(planted, arch: str) -> None:
+    store, _ = planted
+    cfg = SAEConfig(architecture=arch, width=32, k=2, training_tokens=4096, batch_rows=256, buffer_rows=1024,
+                    lr=3e-3, device="cpu")
+    art = SAEMethod(cfg).fit(store, 3)
+    assert art.architecture == "jumprelu" and art.info["training_architecture"] == arch  # sae-lens saves both so
+    assert set(art.tensors) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    x = store.all_rows(3).acts[:500]
+    with torch.no_grad():
+        torch.testing.assert_close(art.encode(x), art.to_sae_lens().encode(x), rtol=0, atol=1e-5)
+
+
+def test_ablate_latents_removes_the_decoded_contribution(topk_art: SAEArtefact, planted) -> None:
+    store, _ = planted
+    x = store.all_rows(3).acts[:50]
+    f = topk_art.encode(x)
+    j = int(f.sum(0).argmax())
+    out = topk_art.ablate_latents(x, [j])
+    torch.testing.assert_close(out, x - f[:, j : j + 1] * topk_art.decoder_raw[j], atol=1e-5, rtol=0)
+    # The inherited ablate (projection, centre zero) leaves nothing along the unit direction.
+    proj = topk_art.ablate(x, [j]) @ topk_art.directions[j]
+    torch.testing.assert_close(proj, torch.zeros(50), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"architecture": "gated"}, "unknown SAE architecture"),
+    ({"width": 0}, "width must be > 0"),
+    ({"width": 8, "k": 9}, "k must be in 1..width"),
+    ({"training_tokens": 100, "batch_rows": 256}, "batch_rows <= training_tokens"),
+    ({"normalize_activations": "layer_norm"}, "normalize_activations"),
+])
+def test_bad_config_is_refused(params: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SAEMethod(**params)
+
+
+def test_nan_rows_are_refused(tmp_path: Path) -> None:
+    acts = torch.randn(8, 16, 8)
+    acts[3, 2, 1] = float("nan")
+    store = write_synthetic_store(tmp_path / "nan", {0: acts})
+    with pytest.raises(ValueError, match="NaN"):
+        SAEMethod(width=8, k=2, training_tokens=256, batch_rows=64, buffer_rows=128, device="cpu").fit(store, 0)
+
+
+def test_encode_checks_width(topk_art: SAEArtefact) -> None:
+    with pytest.raises(ValueError, match=r"expected activations \[N, 32\]"):
+        topk_art.encode(torch.zeros(3, 31))
+    with pytest.raises(ValueError, match="unknown readout"):
+        topk_art.encode(torch.zeros(3, 32), readout="binary")
