@@ -178,9 +178,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def print_table(run_dir: Path) -> None:
     """The headline table of a run, in the terminal."""
-    from bench.report import headline_md, load_rows
+    from bench.report import headline_md, load_rows, load_run_info, primary_concept_set
 
-    print("\n".join(headline_md(load_rows(run_dir))))
+    df = load_rows(run_dir)
+    print("\n".join(headline_md(df, primary_concept_set(df, load_run_info(run_dir)))))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

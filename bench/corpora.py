@@ -531,7 +531,7 @@ def ood_texts(kind: str, reference: Sequence[str], tokenizer: Any = None, seed: 
         chunks = []
         for f in files[: 4 * n]:
             text = f.read_text(errors="replace")
-            chunks += [text[i : i + 600] for i in range(0, min(len(text), 3000), 600)]
+            chunks += [text[i : i + 300] for i in range(0, min(len(text), 1500), 300)]
         picks = rng.choice(len(chunks), size=min(n, len(chunks)), replace=False)
         return [chunks[i] for i in sorted(picks)]
     raise ValueError(f"unknown OOD set {kind!r}; valid: {', '.join(OOD_SETS)}")

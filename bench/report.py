@@ -358,11 +358,39 @@ HEADLINE_GROUPS: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...]
 )
 
 
-def headline_md(df: pd.DataFrame) -> list[str]:
-    """Methods x key metrics, per model, in tables narrow enough for a terminal."""
+CONCEPT_FAMILIES = ("retrieval", "detection", "probing")
+
+
+def primary_concept_set(df: pd.DataFrame, info: dict[str, Any] | None = None) -> str | None:
+    """The concept set the headline shows: the suite's first, else the one most rows name."""
+    sets = (info or {}).get("config", {}).get("concept_sets") or []
+    if sets:
+        return sets[0]
+    fam = df["metric"].str.split(".").str[0]
+    settings = df.loc[fam.isin(CONCEPT_FAMILIES), "detail"].fillna("").map(setting_of)
+    return settings.mode().iloc[0] if len(settings) else None
+
+
+def on_concept_set(df: pd.DataFrame, concept_set: str | None) -> pd.DataFrame:
+    """Rows with concept metrics of other concept sets dropped (so a plotted or tabled value is one measurement)."""
+    if concept_set is None:
+        return df
+    fam = df["metric"].str.split(".").str[0]
+    return df[~(fam.isin(CONCEPT_FAMILIES) & (df["detail"].fillna("").map(setting_of) != concept_set))]
+
+
+def headline_md(df: pd.DataFrame, concept_set: str | None = None) -> list[str]:
+    """Methods x key metrics, per model, in tables narrow enough for a terminal.
+
+    Concept metrics are shown for one concept set (`concept_set`, default: see primary_concept_set) so each
+    cell is one measured value with its CI; the family tables below have every set.
+    """
+    concept_set = concept_set or primary_concept_set(df)
+    df = on_concept_set(df, concept_set)
+    note = f" Concept metrics on the `{concept_set}` concept set." if concept_set else ""
     out = ["## Headline", "",
            ("Key metrics per model (rows: layer and method). Ablation Δ is the change of the target-minus-contrast "
-           "logit difference (negative = works); control Δ is the same with a random direction."), ""]
+           "logit difference (negative = works); control Δ is the same with a random direction." + note), ""]
     for model in sorted(df["model"].unique()):
         dm = df[df["model"] == model]
         out += [f"### {model}", ""]
@@ -772,8 +800,12 @@ def plot_correspondence(df: pd.DataFrame, run_dir: Path, path: Path) -> str | No
     return None
 
 
-def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published]) -> dict[str, str]:
-    """Write every plot under run_dir/plots; returns {name: path relative to run_dir}."""
+def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], concept_set: str | None = None
+               ) -> dict[str, str]:
+    """Write every plot under run_dir/plots; returns {name: path relative to run_dir}.
+
+    Concept-family plots show `concept_set` only (one measured value with its CI per bar)."""
+    df = on_concept_set(df, concept_set)
     pdir = run_dir / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     out: dict[str, str] = {}
@@ -803,8 +835,9 @@ def write_report(run_dir: Path) -> Path:
     df = load_rows(run_dir)
     info = load_run_info(run_dir)
     published = load_published()
-    plots = make_plots(df, run_dir, published)
-    md = header_md(info, df, run_dir) + headline_md(df)
+    concept_set = primary_concept_set(df, info)
+    plots = make_plots(df, run_dir, published, concept_set)
+    md = header_md(info, df, run_dir) + headline_md(df, concept_set)
     md += ["## Metric families", "",
            (f"Every row of the run, grouped by metric family (details cut at {DETAIL_WIDTH} characters; rows.csv has "
            "them in full)."), ""]

@@ -50,11 +50,11 @@ def expand_cells(suite: Suite) -> list[Cell]:
     for model in suite.models:
         for spec in suite.methods:
             for family in suite.metrics:
+                if not _applies(spec, family, suite):
+                    continue
                 if family in CROSS_LAYER_FAMILIES:
                     if len(suite.layers) > 1:
                         cells.append(Cell(model, ALL_LAYERS, spec.label, family))
-                    continue
-                if not _applies(spec, family, suite):
                     continue
                 layers = suite.family_layers.get(family, suite.layers)
                 cells.extend(Cell(model, layer, spec.label, family) for layer in layers)
@@ -208,6 +208,12 @@ class ModelContext:
             self._artefacts[label] = self._load_or_build(self.spec(label))
         return self._artefacts[label][layer]
 
+    def cell_artefacts(self, cell: "Cell") -> list[Artefact]:
+        """The artefacts a cell scores: the spec's at the cell's layer, less any the suite leaves out of the family."""
+        keep = self.suite.family_artefacts.get(cell.family)
+        arts = self.artefacts(cell.spec, cell.layer)
+        return [a for a in arts if keep is None or a.name in keep or cell.spec in keep]
+
     def _artefact_dir(self, spec: MethodSpec) -> Path:
         return cache_dir() / "artefacts" / self.store.id / f"{spec.method}-{spec.key()}"
 
@@ -284,7 +290,7 @@ def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     from metrics.common import row
 
     rows = []
-    for a in ctx.artefacts(cell.spec, cell.layer):
+    for a in ctx.cell_artefacts(cell):
         c = a.cost
         values = {"build.K": a.K, "build.tokens": c.tokens, "build.rows": c.rows, "build.flops": c.flops,
                   "build.wall_seconds": c.wall_seconds, "build.peak_memory_mb": c.peak_memory_bytes / 2**20}
@@ -304,7 +310,7 @@ def _concept_family(fn_name: str) -> Callable[[ModelContext, Cell], list[MetricR
         rows = []
         for name, cs in ctx.concept_sets.items():
             ta = ctx.concept_acts(name, cell.layer)
-            for a in ctx.for_concept_set(ctx.artefacts(cell.spec, cell.layer), name):
+            for a in ctx.for_concept_set(ctx.cell_artefacts(cell), name):
                 for r in fn(a, cs, ta, seed=ctx.suite.seed):
                     r.detail = f"{name}" + (f"; {r.detail}" if r.detail else "")
                     rows.append(r)
@@ -319,7 +325,7 @@ def _ood_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     ind = ctx.heldout_acts(cell.layer)
     oods = {n: ctx.text_acts(f"ood:{n}", t, cell.layer) for n, t in ctx.ood_texts.items()}
     rows = []
-    for a in ctx.artefacts(cell.spec, cell.layer):
+    for a in ctx.cell_artefacts(cell):
         rows += ood_metrics(a, ind, oods, theta=a.info.get("theta"), seed=ctx.suite.seed)
     return rows
 
@@ -328,9 +334,9 @@ def _causal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     from metrics.causal import CausalConfig, causal_metrics
 
     rows = []
-    cfg = CausalConfig(seed=ctx.suite.seed, alphas=(0.5, 1.0, 2.0))
+    cfg = CausalConfig(seed=ctx.suite.seed, alphas=tuple(ctx.suite.causal_alphas))
     for name, ps in ctx.prompt_sets.items():
-        for a in ctx.artefacts(cell.spec, cell.layer):
+        for a in ctx.cell_artefacts(cell):
             if a.supervised:
                 continue  # DiffMean directions are per concept set, not per prompt attribute
             for r in causal_metrics(a, ctx.backend, ps, ctx.unrelated_texts[:4], config=cfg, layer=cell.layer):
@@ -343,7 +349,7 @@ def _recon_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     from metrics.reconstruction import reconstruction_metrics
 
     rows = []
-    for a in ctx.artefacts(cell.spec, cell.layer):
+    for a in ctx.cell_artefacts(cell):
         rows += reconstruction_metrics(a, ctx.backend, ctx.unrelated_texts, layer=cell.layer, ctx_len=ctx.suite.ctx_len,
                                        seed=ctx.suite.seed)
     return rows
@@ -354,7 +360,7 @@ def _cost_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
 
     acts = next(ctx.store.batches(cell.layer, batch_contexts=32)).acts
     rows = []
-    arts = ctx.artefacts(cell.spec, cell.layer)
+    arts = ctx.cell_artefacts(cell)
     for a in arts:
         rows += encode_throughput(a, acts, seed=ctx.suite.seed)
     sae = _sae_spec(ctx.suite)
@@ -370,7 +376,7 @@ def _correspondence_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     sae = ctx.artefacts(_sae_spec(ctx.suite).label, cell.layer)[0]
     inputs = ctx.heldout_acts(cell.layer)
     rows = []
-    for a in ctx.artefacts(cell.spec, cell.layer):
+    for a in ctx.cell_artefacts(cell):
         rows += correspondence_metrics(a, sae, inputs, unit="text", seed=ctx.suite.seed)
     return rows
 

@@ -461,6 +461,10 @@ def extract(
                 return ActivationStore(path)
         except json.JSONDecodeError:
             pass  # a manifest torn mid-write is rewritten below; shards carry their own records
+    elif not force:
+        wider = _superset_store(req, fingerprint, stores_root(root))
+        if wider is not None:
+            return wider
 
     from bench.models import load_model
 
@@ -541,6 +545,23 @@ def extract(
         records.append(rec)
     bar.close()
     return _finish(path, manifest, records)
+
+
+def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], root: Path) -> ActivationStore | None:
+    """A complete store of the same request and corpus that captured more layers (a layer's rows do not depend
+    on which other layers were captured in the same pass)."""
+    want = asdict(req)
+    for mp in sorted(root.glob("*/manifest.json")) if root.exists() else []:
+        try:
+            m = json.loads(mp.read_text())
+        except json.JSONDecodeError:
+            continue
+        have = m.get("request", {})
+        if (m.get("status") == "complete" and m.get("corpus") == fingerprint
+                and set(req.layers) <= set(have.get("layers", []))
+                and all(have.get(k) == v for k, v in want.items() if k != "layers")):
+            return ActivationStore(mp.parent)
+    return None
 
 
 def find_stores(model: str | None = None, layer: int | None = None, root: str | Path | None = None,

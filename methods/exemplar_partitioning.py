@@ -52,9 +52,11 @@ class EPConfig(MethodConfig):
     # `fit` builds percentiles[0], `fit_many` builds all of them from one pass
     n_calib: int = 200_000  # calibration rows (read whole batches until reached; may overshoot by one batch)
     calib_estimator: str = "sampled"  # "exact": every within-batch pair; "sampled": calib_pairs uniform pairs
-    calib_pairs: int = 2_000_000  # pairs per calibration batch for the sampled estimator
-    calib_block: int = 64  # sampled pairs are drawn as b x b blocks of 2b distinct random rows so they run as
-    # GEMMs; every pair is still uniform over the n(n-1)/2 pairs. 1 = independent pairs (slow gathers)
+    calib_pairs: int = 4_000_000  # pairs per calibration batch for the sampled estimator
+    calib_block: int = 128  # sampled pairs come as b x b blocks of 2b distinct random rows so they run as
+    # GEMMs; every pair is still uniform over the n(n-1)/2 pairs, but pairs of a block share rows, so a block
+    # design needs more pairs for the same variance (on SmolLM2 activations, 4M pairs in 128-blocks ~ 2M
+    # independent pairs). 1 = independent pairs (slow: two row gathers per pair)
     calib_seed: int = 0  # seed of the sampled estimator
     batch_contexts: int = 128  # contexts per batch (128 x 127 rows: the paper's geometry; theta depends on it)
     sat_window: int = 1  # stop after this many consecutive batches that create no region

@@ -140,3 +140,11 @@ def test_kill_9_mid_extraction_resumes_to_an_identical_store(tmp_path, corpus):
     killed, clean = _files(victim_root), _files(clean_root)
     assert killed.keys() == clean.keys() and all(killed[k] == clean[k] for k in clean)
     assert not list(victim_root.rglob("*.tmp"))
+
+
+def test_a_store_with_more_layers_serves_a_request_for_fewer(tmp_path, corpus, monkeypatch):
+    wide = extract(_req(corpus, layers=[1, 2, 3]), root=tmp_path / "s", progress=False)
+    monkeypatch.setattr("bench.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert extract(_req(corpus, layers=[3]), root=tmp_path / "s", progress=False).path == wide.path
+    with pytest.raises(pytest.fail.Exception):
+        extract(_req(corpus, layers=[3], tokens=2000), root=tmp_path / "s", progress=False)

@@ -83,6 +83,9 @@ class Suite:
     side_effect_texts: int = 16  # unrelated texts for KL side effects and loss recovered
     family_layers: dict[str, list[int]] = field(default_factory=dict)  # e.g. {"causal": [12]}: fewer layers for
     # the expensive model-in-the-loop families; every other family runs at every layer
+    family_artefacts: dict[str, list[str]] = field(default_factory=dict)  # e.g. {"causal": ["ep:p=2", "sae"]}:
+    # artefact labels (or spec labels) a family scores; a family not named here scores every artefact
+    causal_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # steering strengths (x mean norm)
     seed: int = 0
     device: str | None = None
     needs_hub: bool = False  # weights come from the Hugging Face hub: fail fast offline
