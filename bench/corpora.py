@@ -21,7 +21,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
@@ -341,10 +341,65 @@ def _embedded_corpus(name: str, seed: int, max_docs: int | None) -> ListCorpus:
     # A seeded order mixes sources and topics, so any prefix (max_docs) is a fair sample of the stream.
     order = hash_order([k for k, _, _ in items], seed, salt=f"corpus:{name}")
     docs = _renumber(((items[i][1], items[i][2]) for i in order), max_docs)
-    params = {"seed": seed, "max_docs": max_docs, "format": CORPUS_FORMAT_VERSION,
-              "bbc_eval_share": BBC_EVAL_SHARE, "wordnet_eval_share": WORDNET_EVAL_SHARE,
-              "wordnet_group": WORDNET_GROUP}
-    return ListCorpus(name, docs, params)
+    return ListCorpus(name, docs, _embedded_params(seed, max_docs))
+
+
+def _embedded_params(seed: int, max_docs: int | None) -> dict[str, Any]:
+    return {"seed": seed, "max_docs": max_docs, "format": CORPUS_FORMAT_VERSION,
+            "bbc_eval_share": BBC_EVAL_SHARE, "wordnet_eval_share": WORDNET_EVAL_SHARE,
+            "wordnet_group": WORDNET_GROUP}
+
+
+@dataclass
+class EmbeddedCorpus:
+    """The offline corpora (`default`, `bbc`, `wordnet`), parsed on first use.
+
+    Its fingerprint is cached in the user cache under a stamp of the source files (paths, sizes, mtimes), so
+    checking whether a store already exists does not parse WordNet and BBC again.
+    """
+
+    name: str
+    seed: int = 0
+    max_docs: int | None = None
+
+    @cached_property
+    def _corpus(self) -> ListCorpus:
+        return _embedded_corpus(self.name, self.seed, self.max_docs)
+
+    def documents(self) -> Iterator[Document]:
+        return self._corpus.documents()
+
+    def __len__(self) -> int:
+        return len(self._corpus)
+
+    def _source_stamp(self) -> str:
+        paths: list[Path] = []
+        if self.name in ("default", "bbc"):
+            paths += sorted(bbc_data_dir().rglob("*"))
+        if self.name in ("default", "wordnet"):
+            paths += [wordnet_dir() / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+        h = hashlib.sha256(json.dumps([self.name, _embedded_params(self.seed, self.max_docs)]).encode())
+        for p in paths:
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:24]
+
+    def fingerprint(self) -> dict:
+        """Name, params, number of docs and sha256 of the texts in order (cached per source stamp)."""
+        from bench.cache import cache_dir
+
+        path = cache_dir() / "corpus-fingerprints" / f"{self.name}-{self._source_stamp()}.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+        fp = self._corpus.fingerprint()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fp))
+        tmp.replace(path)
+        return fp
 
 
 @dataclass
@@ -480,7 +535,7 @@ def get_corpus(spec: str, seed: int = 0, max_docs: int | None = None) -> Corpus:
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs must be >= 1, got {max_docs}")
     if spec in ("default", "bbc", "wordnet"):
-        return _embedded_corpus(spec, seed, max_docs)
+        return EmbeddedCorpus(spec, seed, max_docs)
     if spec.startswith("jsonl:"):
         rest = spec[len("jsonl:"):]
         path, text_field = rest, "text"

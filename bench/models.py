@@ -23,13 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from bench.cache import cache_dir
+
 EMBEDDED_DEFAULT = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    """Root of epbench's user cache (model weights, activation stores): $EPBENCH_CACHE or ~/.cache/epbench."""
-    root = os.environ.get("EPBENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "epbench"
-    return Path(root)
 
 
 def pick_device(device: str | None = None) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.activations import TextActivations
-from bench.models import cache_dir
+from bench.cache import cache_dir
 from bench.store import ActivationStore, ExtractionRequest, extract, library_versions
 from bench.suites import CROSS_LAYER_FAMILIES, MethodSpec, Suite
 from methods.base import Artefact, load_artefact

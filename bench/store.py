@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-from bench.models import cache_dir
+from bench.cache import cache_dir
 
 STORE_FORMAT_VERSION = 1
 BOS_POLICY = "BOS prepended to every context; the BOS position is excluded from rows"
@@ -373,7 +373,11 @@ def _write_shard(path: Path, si: int, ctx_range: tuple[int, int], meta: dict[str
     return rec
 
 
-def _finish(path: Path, manifest: dict[str, Any], records: list[dict[str, Any]]) -> "ActivationStore":
+def _finish(path: Path, manifest: dict[str, Any], records: list[dict[str, Any]],
+            seconds: float | None = None) -> "ActivationStore":
+    if seconds is not None:  # the call that completed the store (a resumed run counts its last call only)
+        manifest["extraction_seconds"] = round(seconds, 2)
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest.update(
         status="complete",
         shards=records,
@@ -468,6 +472,7 @@ def extract(
 
     from bench.models import load_model
 
+    t_start = time.perf_counter()
     backend = load_model(req.model, device)
     layers = backend.check_layers(req.layers)
     contexts = plan_contexts(corpus.documents(), backend, req)
@@ -544,7 +549,7 @@ def extract(
         rec = _write_shard(path, si, (lo, hi), meta_t, {L: torch.cat(acts[L]) for L in layers})
         records.append(rec)
     bar.close()
-    return _finish(path, manifest, records)
+    return _finish(path, manifest, records, time.perf_counter() - t_start)
 
 
 def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], root: Path) -> ActivationStore | None:

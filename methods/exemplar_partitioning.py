@@ -468,10 +468,10 @@ class _Builder:
             self.tokens += int(n_tokens)
             return 0
         K_start = self.K
-        self._reserve(n)  # every row could become a region
         region = torch.empty(n, dtype=torch.long, device=self.dev)
         dist = torch.empty(n, dtype=self.dt, device=self.dev)
         if self.K == 0:
+            self._reserve(1)
             self._new_regions(u_ND[:1])  # the very first row seeds region 0 before matching
         K0 = self.K
         best, idx = nearest(u_ND, self.E[:K0], self.cfg.chunk_rows)  # exemplars existing at batch start
@@ -481,6 +481,7 @@ class _Builder:
         region[matched], dist[matched] = idx[matched], dmatch[matched]
         unmatched = torch.nonzero(~matched)[:, 0]
         if len(unmatched):
+            self._reserve(len(unmatched))  # each unmatched row may become a region
             r, dd = self._walk(u_ND[unmatched])
             region[unmatched], dist[unmatched] = r, dd
         self._update_stats(u_ND, region, dist, ctx_N, pos_N)

