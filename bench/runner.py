@@ -56,7 +56,8 @@ def expand_cells(suite: Suite) -> list[Cell]:
                     if len(suite.layers) > 1:
                         cells.append(Cell(model, ALL_LAYERS, spec.label, family))
                     continue
-                layers = suite.family_layers.get(family, suite.layers)
+                # a family limited to layers the (narrowed) suite lacks falls back to every suite layer
+                layers = [L for L in suite.family_layers.get(family, []) if L in suite.layers] or suite.layers
                 cells.extend(Cell(model, layer, spec.label, family) for layer in layers)
     order = {f: i for i, f in enumerate(suite.metrics)}
     return sorted(cells, key=lambda c: (suite.models.index(c.model), order[c.family] != 0, c.layer == ALL_LAYERS,
@@ -467,7 +468,11 @@ class Run:
         ctx = self.context(cell.model)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         t0 = time.perf_counter()
-        rows = FAMILIES[cell.family](ctx, cell)
+        try:
+            rows = FAMILIES[cell.family](ctx, cell)
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:
+            raise RuntimeError(f"cell {cell.id} failed: {type(e).__name__}: {e} (finished cells are kept; "
+                               "rerun to resume)") from e
         wall = time.perf_counter() - t0
         record = {
             "cell": cell.__dict__, "cell_id": cell.id, "started": started,

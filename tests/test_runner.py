@@ -112,3 +112,10 @@ def test_killed_run_resumes_without_recomputing_and_matches_an_uninterrupted_run
     subprocess.run(RUN + ["--results-dir", str(clean), "--run-id", "r"], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pd.testing.assert_frame_equal(_quality(killed / "r"), _quality(clean / "r"))
+
+
+def test_family_layer_limits_fall_back_when_the_suite_is_narrowed():
+    suite = narrow_suite(get_suite("default"), layers=[12], methods=["pca"], metrics=["causal", "build"])
+    assert {c.layer for c in expand_cells(suite) if c.family == "causal"} == {12}
+    full = get_suite("default")
+    assert {c.layer for c in expand_cells(full) if c.family == "causal"} == set(full.family_layers["causal"])
