@@ -340,7 +340,8 @@ def _causal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
         for a in ctx.cell_artefacts(cell):
             if a.supervised:
                 continue  # DiffMean directions are per concept set, not per prompt attribute
-            for r in causal_metrics(a, ctx.backend, ps, ctx.unrelated_texts[:4], config=cfg, layer=cell.layer):
+            for r in causal_metrics(a, ctx.backend, ps, ctx.unrelated_texts[: ctx.suite.causal_unrelated_texts],
+                                    config=cfg, layer=cell.layer):
                 r.detail = name + (f"; {r.detail}" if r.detail else "")
                 rows.append(r)
     return rows

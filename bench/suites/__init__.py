@@ -86,6 +86,7 @@ class Suite:
     family_artefacts: dict[str, list[str]] = field(default_factory=dict)  # e.g. {"causal": ["ep:p=2", "sae"]}:
     # artefact labels (or spec labels) a family scores; a family not named here scores every artefact
     causal_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # steering strengths (x mean norm)
+    causal_unrelated_texts: int = 4  # unrelated texts the causal side effect (KL) is measured on
     seed: int = 0
     device: str | None = None
     needs_hub: bool = False  # weights come from the Hugging Face hub: fail fast offline
