@@ -302,6 +302,13 @@ def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     return rows
 
 
+def _with_setting(setting: str, detail: str) -> str:
+    """Detail led by the data set it was measured on (unless the metric already put it first)."""
+    if not detail:
+        return setting
+    return detail if detail.split(";")[0].strip() == setting else f"{setting}; {detail}"
+
+
 def _concept_family(fn_name: str) -> Callable[[ModelContext, Cell], list[MetricRow]]:
     def run(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
         import importlib
@@ -313,7 +320,7 @@ def _concept_family(fn_name: str) -> Callable[[ModelContext, Cell], list[MetricR
             ta = ctx.concept_acts(name, cell.layer)
             for a in ctx.for_concept_set(ctx.cell_artefacts(cell), name):
                 for r in fn(a, cs, ta, seed=ctx.suite.seed):
-                    r.detail = f"{name}" + (f"; {r.detail}" if r.detail else "")
+                    r.detail = _with_setting(name, r.detail)
                     rows.append(r)
         return rows
 
@@ -342,7 +349,7 @@ def _causal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
                 continue  # DiffMean directions are per concept set, not per prompt attribute
             for r in causal_metrics(a, ctx.backend, ps, ctx.unrelated_texts[: ctx.suite.causal_unrelated_texts],
                                     config=cfg, layer=cell.layer):
-                r.detail = name + (f"; {r.detail}" if r.detail else "")
+                r.detail = _with_setting(name, r.detail)
                 rows.append(r)
     return rows
 
@@ -397,7 +404,7 @@ def _stability_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
         if name is not None:
             acts = {L: ctx.concept_acts(name, L) for L in layers}
             for r in concept_stability(chain, ctx.concept_sets[name], acts, config=cfg):
-                r.detail = f"{name}; {r.detail}"
+                r.detail = _with_setting(name, r.detail)
                 rows.append(r)
     return rows
 
