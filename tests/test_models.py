@@ -40,9 +40,12 @@ def test_layer_out_of_range_and_unknown_model_errors(tiny_model):
         load_model("gpt-9")
 
 
-def test_wide_tiny_config_is_full_width():
+def test_wide_tiny_model_is_full_width():
     cfg = tiny_gemma2_config(d_model=2304, n_layers=2)
-    assert cfg["d_model"] == 2304 and cfg["n_layers"] == 2 and "tiny-gemma2-wide" in LOADERS
+    assert cfg["d_model"] == 2304 and cfg["n_layers"] == 2
+    wide = load_model("tiny-gemma2-wide")
+    toks, _ = wide.to_tokens(["full width"])
+    assert wide.run_layers(toks, [1])[1].shape == (1, 11, 2304)
 
 
 def test_gemma_offline_error_is_one_clear_line_and_fast(monkeypatch, tmp_path):
