@@ -112,6 +112,7 @@ class ModelContext:
 
     def __init__(self, suite: Suite, model: str, progress: bool = True, store: ActivationStore | None = None):
         self.suite, self.model_name, self.progress = suite, model, progress
+        self.extras_dir: Path | None = None  # set by the Run: results/<run-id>/extras
         if store is not None:
             self.__dict__["store"] = store  # pre-fill the cached property
         self._artefacts: dict[str, dict[int, list[Artefact]]] = {}
@@ -208,6 +209,15 @@ class ModelContext:
         if label not in self._artefacts:
             self._artefacts[label] = self._load_or_build(self.spec(label))
         return self._artefacts[label][layer]
+
+    def save_extra(self, name: str, values: np.ndarray) -> None:
+        """Per-unit values behind a metric (e.g. per-region best F1), as npy under the run's extras/ folder."""
+        if self.extras_dir is None:
+            return
+        self.extras_dir.mkdir(parents=True, exist_ok=True)
+        path = self.extras_dir / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", name) + ".npy")
+        np.save(path.with_suffix(".tmp.npy"), np.asarray(values, dtype=np.float32))
+        path.with_suffix(".tmp.npy").replace(path)
 
     def cell_artefacts(self, cell: "Cell") -> list[Artefact]:
         """The artefacts a cell scores: the spec's at the cell's layer, less any the suite leaves out of the family."""
@@ -386,7 +396,9 @@ def _correspondence_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     inputs = ctx.heldout_acts(cell.layer)
     rows = []
     for a in ctx.cell_artefacts(cell):
-        rows += correspondence_metrics(a, sae, inputs, unit="text", seed=ctx.suite.seed)
+        extras: dict[str, np.ndarray] = {}
+        rows += correspondence_metrics(a, sae, inputs, unit="text", seed=ctx.suite.seed, extras=extras)
+        ctx.save_extra(f"correspondence_{cell.model}_L{cell.layer:02d}_{a.name}", extras["best_f1"])
     return rows
 
 
@@ -457,6 +469,7 @@ class Run:
                 if model in HUB_MODELS:
                     check_hub_access(HUB_MODELS[model])
             self._contexts[model] = ModelContext(self.suite, model, self.progress)
+            self._contexts[model].extras_dir = self.dir / "extras"
         return self._contexts[model]
 
     def cells(self) -> list[Cell]:
@@ -486,6 +499,7 @@ class Run:
             "cell": cell.__dict__, "cell_id": cell.id, "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": wall,
             "store_id": ctx.store.id, "method_family": ctx.spec(cell.spec).method,
+            "git_commit": self.meta["git_commit"],
             "rows": [r.to_dict() for r in rows],
         }
         _atomic_json(path, record)
@@ -507,7 +521,7 @@ class Run:
             for r in rec["rows"]:
                 rows.append({**r, "suite": self.suite.name, "cell_id": rec["cell_id"],
                              "method_family": rec["method_family"], "store_id": rec["store_id"],
-                             "git_commit": self.meta["git_commit"], "started": rec["started"],
+                             "git_commit": rec.get("git_commit", self.meta["git_commit"]), "started": rec["started"],
                              "finished": rec["finished"]})
         df = pd.DataFrame(rows)
         df.to_parquet(self.dir / "rows.parquet.tmp", index=False)

@@ -121,8 +121,12 @@ def correspondence_metrics(
     readout: str | None = None,
     reference_readout: str | None = None,
     seed: int = 0,
+    extras: dict[str, np.ndarray] | None = None,
 ) -> list[MetricRow]:
-    """Top-n F1 matching of `artefact`'s features against `reference`'s (e.g. EP regions vs SAE latents)."""
+    """Top-n F1 matching of `artefact`'s features against `reference`'s (e.g. EP regions vs SAE latents).
+
+    `extras`, when given, receives the per-feature best F1 of the non-empty features (`best_f1`, `reverse_best_f1`)
+    for histograms."""
     if artefact.d_model != reference.d_model:
         raise ValueError(f"{artefact.name} (d={artefact.d_model}) and {reference.name} (d={reference.d_model}) "
                          "read different activations; build both on the same model and hook")
@@ -141,6 +145,8 @@ def correspondence_metrics(
     best_a, best_b = best_f1(A, B)
     live_a = np.asarray(A.sum(axis=1)).ravel() > 0
     live_b = np.asarray(B.sum(axis=1)).ravel() > 0
+    if extras is not None:
+        extras.update(best_f1=best_a[live_a], reverse_best_f1=best_b[live_b])
     detail = (f"vs {reference.name}; top-{top_n} of {n_inputs} {unit}s; readouts {readouts[0]}/{readouts[1]}; "
               f"non-empty features {int(live_a.sum())}/{artefact.K} and {int(live_b.sum())}/{reference.K}")
     return [

@@ -119,3 +119,18 @@ def test_family_layer_limits_fall_back_when_the_suite_is_narrowed():
     assert {c.layer for c in expand_cells(suite) if c.family == "causal"} == {12}
     full = get_suite("default")
     assert {c.layer for c in expand_cells(full) if c.family == "causal"} == set(full.family_layers["causal"])
+
+
+def test_correspondence_cells_save_per_region_best_f1_for_the_histogram(tmp_path):
+    import numpy as np
+
+    from bench.runner import run_suite
+
+    suite = narrow_suite(get_suite("smoke"), layers=[1], methods=["ep", "sae"], metrics=["build", "correspondence"])
+    run = run_suite(suite, tmp_path, progress=False, report=True)
+    (extra,) = sorted((run.dir / "extras").glob("correspondence_*ep_p=2*.npy"))
+    f1 = np.load(extra)
+    rows = pd.read_parquet(run.dir / "rows.parquet")
+    share = rows[(rows.metric == "correspondence.share_f1>0.5") & (rows.method == "ep:p=2")].value.item()
+    assert np.isclose((f1 > 0.5).mean(), share)
+    assert "plots/correspondence.png" in (run.dir / "REPORT.md").read_text()
