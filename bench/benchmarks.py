@@ -30,13 +30,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from methods.common import PeakMemory
 from methods.exemplar_partitioning import (
     EPArtefact,
     EPConfig,
     _Builder,
     _device,
     _linear_percentiles,
-    _PeakMemory,
     centre_normalise,
     exact_pair_percentiles,
     nearest,
@@ -171,7 +171,7 @@ def bench_assign(N: int, K: int, d: int, dev: torch.device) -> list[Row]:
     W = art._on("exemplar", dev)[0]
     xr = x[:ref_rows]
     t_mm = best_time(lambda: xr @ W.T, dev, 1)  # reference before and after: a shared machine drifts
-    with _PeakMemory(dev) as mem:
+    with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         art.assign(x)
         _sync(dev)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -154,3 +155,41 @@ def dense_readouts(x_ND: torch.Tensor, center_D: torch.Tensor, dirs_KD: torch.Te
         vals, idx = act.topk(min(topk, act.shape[1]), dim=1)
         return torch.zeros_like(act).scatter_(1, idx, vals)
     raise ValueError(f"unknown readout {readout!r}; choose one of binary, topk, cosine, signed")
+
+
+class PeakMemory:
+    """Peak memory growth over a block: CUDA allocator peak, or sampled process RSS on CPU."""
+
+    def __init__(self, device: torch.device | str, interval: float = 0.005):
+        self.device, self.interval, self.peak = torch.device(device), interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            import psutil
+
+            self._proc = psutil.Process()
+            self._base = self._proc.memory_info().rss
+            self._max = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, self._proc.memory_info().rss)
+            self.peak = int(self._max - self._base)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from methods.base import Artefact, Assignment, Cost, Method, MethodConfig
+from methods.common import PeakMemory
 
 if TYPE_CHECKING:
     from bench.store import ActivationBatch, ActivationStore
@@ -609,44 +609,6 @@ class _Builder:
         return out
 
 
-class _PeakMemory:
-    """Peak memory growth over a block: CUDA allocator peak, or sampled process RSS on CPU."""
-
-    def __init__(self, device: torch.device, interval: float = 0.005):
-        self.device, self.interval, self.peak = device, interval, 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "_PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-
-            self._proc = psutil.Process()
-            self._base = self._proc.memory_info().rss
-            self._max = self._base
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._max = max(self._max, self._proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self._base)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self._max = max(self._max, self._proc.memory_info().rss)
-            self.peak = int(self._max - self._base)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Artefact
 
@@ -837,7 +799,7 @@ class ExemplarPartitioning(Method):
             store.check_layer(L)
         dev = _device(cfg)
         t_start = time.perf_counter()
-        with _PeakMemory(dev) as mem:
+        with PeakMemory(dev) as mem:
             cals = dict(calibrations or {})
             reused = {L: L in cals for L in layers}
             for L in layers:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from methods.base import Artefact, Method, MethodConfig
+from methods.common import PeakMemory
 
 if TYPE_CHECKING:
     from bench.store import ActivationStore
@@ -196,45 +196,6 @@ class SAEArtefact(Artefact):
 # Cost measurement
 
 
-class _PeakMemory:
-    """Peak CUDA allocation, or peak RSS growth on CPU (sampled every 10 ms), over a block."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self) -> "_PeakMemory":
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        import psutil
-
-        proc = psutil.Process()
-        self._base = proc.memory_info().rss
-        self._top = self._base
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(0.01):
-                self._top = max(self._top, proc.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.startswith("cuda"):
-            self.peak = int(torch.cuda.max_memory_allocated() - self._base)
-            return
-        self._stop.set()
-        self._thread.join()
-        import psutil
-
-        self._top = max(self._top, psutil.Process().memory_info().rss)
-        self.peak = int(max(0, self._top - self._base))
-
-
 def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -321,7 +282,7 @@ def load_pretrained(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAE
         _check_match(store, layer, entry.model, None, store.d_model, what, False)
     device = _device(cfg.device)
     t0 = time.perf_counter()
-    with _PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:
         try:
             sae = SAE.from_pretrained(cfg.release, sae_id, device=device, dtype="float32")
         except LocalEntryNotFoundError as e:
@@ -478,7 +439,7 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     bar = tqdm(total=cfg.training_tokens, unit="row", unit_scale=True, disable=not cfg.progress,
                desc=f"train {cfg.architecture} SAE w{cfg.width} on {store.model} L{layer}")
-    with _PeakMemory(device) as mem, torch.random.fork_rng(devices=cuda_devices):
+    with PeakMemory(device) as mem, torch.random.fork_rng(devices=cuda_devices):
         # fork_rng keeps the seeding (init, mixing-buffer randperm) local to this fit
         torch.manual_seed(cfg.seed)
         sae = _training_sae(cfg, d, device, store, layer)
