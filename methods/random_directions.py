@@ -24,7 +24,8 @@ class RandomConfig(MethodConfig):
     """Seeded random unit directions about the stream mean."""
 
     k: int = 1024  # number of directions
-    seed: int = 0  # generator seed: same seed, k and d give the same directions on every machine
+    seed: int = 0  # generator seed, mixed with the layer: same seed, layer, k and d give the same directions on
+    # every machine, and each layer gets its own draw (so cross-layer stability of the control is chance level)
     n_rows: int | None = 200_000  # rows read for the mean; None reads the whole store
     batch_contexts: int = 128  # contexts per store batch
 
@@ -79,7 +80,7 @@ class RandomDirections(Method):
                     break
             if n == 0:
                 raise ValueError(f"store {store.id} has no rows at layer {layer}; extract a non-empty corpus first")
-            dirs_KD = random_unit_directions(cfg.k, d, cfg.seed)
+            dirs_KD = random_unit_directions(cfg.k, d, cfg.seed * 1_000_003 + layer)
         cost = meter.cost(n, tokens, flops=float(n * d + 3 * cfg.k * d))  # mean + draw and normalise
         info = base_info(store, layer, f"random:k={cfg.k}", cost, n_mean_rows=n)
         return RandomArtefact(cfg, {"directions": dirs_KD, "center": (sum_D / n).float()}, info)

@@ -200,6 +200,16 @@ def test_random_unit_seeded_and_centred(gaussian):
     assert a.K == 50 and a.name == "random:k=50"
 
 
+def test_random_draws_differ_per_layer_so_the_stability_control_is_chance(tmp_path):
+    from bench.store import write_synthetic_store
+
+    g = torch.Generator().manual_seed(0)
+    store = write_synthetic_store(tmp_path, {1: torch.randn(4, 5, 16, generator=g), 2: torch.randn(4, 5, 16, generator=g)})
+    l1, l2 = (RandomDirections(k=8, seed=0).fit(store, L) for L in (1, 2))
+    assert not torch.equal(l1.directions, l2.directions)
+    assert torch.equal(l1.directions, RandomDirections(k=8, seed=0).fit(store, 1).directions)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # DiffMean
 
