@@ -30,14 +30,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from methods.common import PeakMemory
+from methods.common import PeakMemory, centred_unit
 from methods.exemplar_partitioning import (
     EPArtefact,
     EPConfig,
     _Builder,
     _device,
     _linear_percentiles,
-    centre_normalise,
     exact_pair_percentiles,
     nearest,
     sampled_pair_distances,
@@ -114,7 +113,7 @@ def bench_calibration(n_ctx: int, T: int, d: int, pairs: int, dev: torch.device,
     x = lm_like_batch(n_ctx, T, d).to(dev)
     xn = x / x.norm(dim=1, keepdim=True)
     m = torch.nn.functional.normalize(xn.mean(0), dim=0)
-    u = centre_normalise(x, (x.mean(0) @ m) * m)
+    u = centred_unit(x, (x.mean(0) @ m) * m)
     ps = [1.0, 10.0]
     cfg = EPConfig(calib_pairs=pairs)
     n = len(u)

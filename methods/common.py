@@ -20,25 +20,25 @@ EPS = 1e-12  # the same guard EP uses when normalising centred rows
 class CenterAccumulator:
     """Running sums for the spherical mean centre c = <mean(x), m> * m, m = normalise(mean(x / ||x||))."""
 
-    def __init__(self, d: int):
-        self.sum_unit_D = torch.zeros(d, dtype=torch.float64)  # float64: millions of rows sum without drift
-        self.sum_D = torch.zeros(d, dtype=torch.float64)
+    def __init__(self, d: int, device: torch.device | str = "cpu"):
+        self.sum_unit_D = torch.zeros(d, dtype=torch.float64, device=device)  # float64: millions of rows, no drift
+        self.sum_D = torch.zeros(d, dtype=torch.float64, device=device)
         self.n = 0
 
     def update(self, x_ND: torch.Tensor) -> None:
-        x = x_ND.double()
+        x = x_ND.to(self.sum_D.device, torch.float64)
         self.sum_unit_D += (x / x.norm(dim=1, keepdim=True).clamp_min(EPS)).sum(0)
         self.sum_D += x.sum(0)
         self.n += x.shape[0]
 
-    def center(self) -> torch.Tensor:
-        """The centre [d] float32."""
+    def center(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The centre [d] (float32 unless asked otherwise)."""
         if self.n == 0:
             raise ValueError("no rows were accumulated: cannot compute a centre")
         m_D = self.sum_unit_D / self.n
         m_D = m_D / m_D.norm().clamp_min(EPS)
         magnitude = torch.dot(self.sum_D / self.n, m_D)
-        return (magnitude * m_D).float()
+        return (magnitude * m_D).to(dtype)
 
 
 def spherical_center(x_ND: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from methods.base import Artefact, Assignment, Cost, Method, MethodConfig
-from methods.common import PeakMemory
+from methods.common import EPS, CenterAccumulator, PeakMemory, centred_unit
 
 if TYPE_CHECKING:
     from bench.store import ActivationBatch, ActivationStore
 
-EPS = 1e-12  # the spec's guard in u = (x - c) / (||x - c|| + eps)
 SIM_BUDGET_ELEMS = 64 * 2**20  # largest [rows, K] similarity block materialised at once (256 MB in fp32)
 EXACT_MAX_PAIRS = 140_000_000  # exact calibration keeps every pair distance: 16,384 rows (134M pairs, 536 MB) fit
 READOUTS = ("cosine", "signed", "topk", "binary")
@@ -103,12 +102,6 @@ def _device(cfg: EPConfig) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------------------
 # Geometry helpers
-
-
-def centre_normalise(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
-    """u = (x - c) / (||x - c|| + 1e-12): rows on the centred unit sphere."""
-    xc = x_ND - center_D
-    return xc / (xc.norm(dim=1, keepdim=True) + EPS)
 
 
 def cosine_distance(sim: torch.Tensor) -> torch.Tensor:
@@ -345,25 +338,18 @@ def calibrate(store: "ActivationStore", layers: Sequence[int], cfg: EPConfig) ->
     dev, dt = _device(cfg), _DTYPES[cfg.compute_dtype]
     t0 = time.perf_counter()
     d = store.d_model
-    sum_dir = {L: torch.zeros(d, dtype=torch.float64, device=dev) for L in layers}
-    sum_x = {L: torch.zeros(d, dtype=torch.float64, device=dev) for L in layers}
+    accs = {L: CenterAccumulator(d, dev) for L in layers}
     n_rows, n_batches = 0, 0
     for bi, batch in _calibration_batches(store, layers, cfg, None):
         for L in layers:
             x = _layer_acts(batch, L)
             _check_finite(x, batch, L, bi, "calibration")
-            x = x.to(dev, torch.float64)
-            sum_dir[L] += (x / x.norm(dim=1, keepdim=True).clamp_min(EPS)).sum(0)
-            sum_x[L] += x.sum(0)
+            accs[L].update(x)
         n_rows += len(batch.positions)
         n_batches += 1
     if n_rows == 0:
         raise ValueError(f"store {store.id} has no activation rows to calibrate EP on; extract a non-empty corpus")
-    centers = {}
-    for L in layers:
-        m = sum_dir[L] / sum_dir[L].norm().clamp_min(EPS)  # spherical mean direction
-        magnitude = torch.dot(sum_x[L] / n_rows, m)
-        centers[L] = (magnitude * m).to(dt)
+    centers = {L: accs[L].center(dt) for L in layers}  # magnitude * spherical mean direction
 
     ps = cfg.percentiles
     per_batch: dict[int, list[list[float]]] = {L: [] for L in layers}
@@ -375,7 +361,7 @@ def calibrate(store: "ActivationStore", layers: Sequence[int], cfg: EPConfig) ->
         gen = torch.Generator().manual_seed(cfg.calib_seed * 1_000_003 + bi)
         state = gen.get_state()
         for L in layers:
-            u = centre_normalise(_layer_acts(batch, L).to(dev, dt), centers[L])
+            u = centred_unit(_layer_acts(batch, L).to(dev, dt), centers[L])
             pairs_all = n * (n - 1) // 2
             if cfg.calib_estimator == "exact" or pairs_all <= cfg.calib_pairs:
                 per_batch[L].append(exact_pair_percentiles(u, ps))
@@ -825,7 +811,7 @@ class ExemplarPartitioning(Method):
                     x = _layer_acts(batch, L)
                     _check_finite(x, batch, L, bi, "discovery")
                     t0 = time.perf_counter()
-                    u = centre_normalise(x.to(dev, _DTYPES[cfg.compute_dtype]), centers[L])
+                    u = centred_unit(x.to(dev, _DTYPES[cfg.compute_dtype]), centers[L])
                     ctx, pos = batch.context_ids.to(dev), batch.positions.to(dev)
                     shared_s = time.perf_counter() - t0 + read_s  # reading and centring serve every builder
                     for b in active:
