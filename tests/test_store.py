@@ -63,7 +63,8 @@ def test_same_request_reuses_the_store_without_loading_the_model(tmp_path, corpu
     assert again.path == first.path and time.time() - t0 < 5
     assert find_stores("tiny-gemma2", 3, tmp_path / "s")[0].id == first.id
     other = _req(corpus, tokens=2000)
-    assert extract.__globals__["request_id"](other, {"x": 1}) != first.id
+    wid = first.manifest["model"]["weights_id"]
+    assert extract.__globals__["request_id"](other, {"x": 1}, wid) != first.id
 
 
 def test_batches_are_whole_contexts_in_fixed_order_with_optional_shuffle(tmp_path, corpus):
