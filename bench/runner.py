@@ -519,6 +519,7 @@ class Run:
         rows = []
         for rec in self.records():
             for r in rec["rows"]:
+                r = {k: v for k, v in r.items() if k != "units"}  # per-unit values stay in the cell files
                 rows.append({**r, "suite": self.suite.name, "cell_id": rec["cell_id"],
                              "method_family": rec["method_family"], "store_id": rec["store_id"],
                              "git_commit": rec.get("git_commit", self.meta["git_commit"]), "started": rec["started"],

@@ -187,20 +187,21 @@ def _ratio_row(artefact: Artefact, metric: str, num: np.ndarray, den: np.ndarray
     return row(artefact, metric, value, ci, n=len(num), seed=seed, detail=detail, layer=layer)
 
 
-def _condition_rows(artefact: Artefact, prefix: str, clean: np.ndarray, feat: np.ndarray, ctrl: np.ndarray,
-                    kl: np.ndarray, ctrl_kl: np.ndarray, seed: int, detail: str, layer: int) -> list[MetricRow]:
-    """The rows of one intervention condition, over the prompts it applies to."""
+def _condition_rows(artefact: Artefact, prefix: str, units: list[str], clean: np.ndarray, feat: np.ndarray,
+                    ctrl: np.ndarray, kl: np.ndarray, ctrl_kl: np.ndarray, seed: int, detail: str, layer: int
+                    ) -> list[MetricRow]:
+    """The rows of one intervention condition, over the prompts it applies to (`units`: their ids)."""
     delta, cdelta = feat - clean, ctrl - clean
     flip = ((feat > 0) != (clean > 0)).astype(float)
     cflip = ((ctrl > 0) != (clean > 0)).astype(float)
     return [
-        mean_row(artefact, f"{prefix}.delta_logit_diff", delta, seed, detail, layer),
-        mean_row(artefact, f"{prefix}.flip_rate", flip, seed, detail, layer),
-        mean_row(artefact, f"{prefix}.control_delta", cdelta, seed, detail, layer),
-        mean_row(artefact, f"{prefix}.control_flip_rate", cflip, seed, detail, layer),
-        mean_row(artefact, f"{prefix}.delta_vs_control", delta - cdelta, seed, detail, layer),
-        mean_row(artefact, f"{prefix}.kl", kl, seed, detail, layer),
-        mean_row(artefact, f"{prefix}.control_kl", ctrl_kl, seed, detail, layer),
+        mean_row(artefact, f"{prefix}.delta_logit_diff", delta, seed, detail, layer, units),
+        mean_row(artefact, f"{prefix}.flip_rate", flip, seed, detail, layer, units),
+        mean_row(artefact, f"{prefix}.control_delta", cdelta, seed, detail, layer, units),
+        mean_row(artefact, f"{prefix}.control_flip_rate", cflip, seed, detail, layer, units),
+        mean_row(artefact, f"{prefix}.delta_vs_control", delta - cdelta, seed, detail, layer, units),
+        mean_row(artefact, f"{prefix}.kl", kl, seed, detail, layer, units),
+        mean_row(artefact, f"{prefix}.control_kl", ctrl_kl, seed, detail, layer, units),
         _ratio_row(artefact, f"{prefix}.effect_per_kl", -delta, kl, seed, detail, layer),
         _ratio_row(artefact, f"{prefix}.control_effect_per_kl", -cdelta, ctrl_kl, seed, detail, layer),
     ]
@@ -276,12 +277,13 @@ class _Runner:
         per_attr = dict(zip(self.attrs, kl.reshape(len(self.attrs), len(self.unrelated)).mean(1)))
         return np.array([per_attr.get(o, np.nan) for o in part.owners])[part.mask]
 
-    def condition(self, part: _Part, clean: np.ndarray, alpha: float | None) -> tuple[np.ndarray, ...]:
-        """(clean, feature, control diffs, feature KL, control KL) over the prompts of the condition."""
+    def condition(self, part: _Part, clean: np.ndarray, alpha: float | None) -> tuple[Any, ...]:
+        """(prompt ids, clean, feature, control diffs, feature KL, control KL) over the prompts of the condition."""
         f_apply, c_apply = self.applies(alpha)
         feat, ctrl = self.diffs(part, f_apply, part.fkeys), self.diffs(part, c_apply, part.ckeys)
         m = part.mask
-        return clean[m], feat[m], ctrl[m], self.kl(part, f_apply, False), self.kl(part, c_apply, True)
+        ids = [f"{i}:{t}" for i, (t, keep) in enumerate(zip(part.texts, m)) if keep]
+        return ids, clean[m], feat[m], ctrl[m], self.kl(part, f_apply, False), self.kl(part, c_apply, True)
 
     def choose_alpha(self, part: _Part, alphas: Sequence[float]) -> int:
         """Index of the steering strength with the best flip-rate margin over the control (then delta margin)."""

@@ -27,13 +27,17 @@ class MetricRow:
     seed: int = 0
     supervised: bool = False  # the method used concept labels to fit (DiffMean)
     detail: str = ""  # free text, e.g. the concept set or the layer pair
+    # Per-unit values behind `value` (unit id -> value: a concept, prompt or text), kept in the cell files so
+    # paired comparisons (bench.verdict) can difference two methods over the same units; not in rows.csv.
+    units: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def row(artefact: Artefact, metric: str, value: float, ci: tuple[float, float] = (float("nan"), float("nan")),
-        n: int = 0, seed: int = 0, detail: str = "", layer: int | None = None) -> MetricRow:
+        n: int = 0, seed: int = 0, detail: str = "", layer: int | None = None,
+        units: dict[str, float] | None = None) -> MetricRow:
     """A MetricRow filled in from an artefact's provenance."""
     info = artefact.info
     return MetricRow(
@@ -49,6 +53,7 @@ def row(artefact: Artefact, metric: str, value: float, ci: tuple[float, float] =
         seed=seed,
         supervised=bool(artefact.supervised),
         detail=detail,
+        units=units,
     )
 
 
@@ -70,10 +75,22 @@ def bootstrap_ci(
     return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
 
 
+def unit_values(ids: Sequence[Any] | None, values: Sequence[float] | np.ndarray) -> dict[str, float] | None:
+    """{unit id: value} for the non-NaN values (None without ids); ids must be unique and align with values."""
+    if ids is None:
+        return None
+    ids = [str(i) for i in ids]
+    if len(ids) != len(values) or len(set(ids)) != len(ids):
+        raise ValueError(f"unit ids must be unique and one per value ({len(ids)} ids, {len(values)} values)")
+    return {i: float(v) for i, v in zip(ids, values) if not np.isnan(v)}
+
+
 def mean_row(artefact: Artefact, metric: str, values: Sequence[float], seed: int = 0, detail: str = "",
-             layer: int | None = None) -> MetricRow:
-    """Mean over units with its bootstrap CI, as a row."""
+             layer: int | None = None, units: Sequence[Any] | None = None) -> MetricRow:
+    """Mean over units with its bootstrap CI, as a row; `units` names each value's unit (for paired tests)."""
+    per_unit = unit_values(units, values)
     v = np.asarray(values, dtype=float)
     v = v[~np.isnan(v)]
     value = float(v.mean()) if len(v) else float("nan")
-    return row(artefact, metric, value, bootstrap_ci(v, seed=seed), n=len(v), seed=seed, detail=detail, layer=layer)
+    return row(artefact, metric, value, bootstrap_ci(v, seed=seed), n=len(v), seed=seed, detail=detail, layer=layer,
+               units=per_unit)

@@ -104,8 +104,9 @@ def detection_metrics(
                           "from the mean)" if n_no_hard else "")
     rd = f"readout={readout or 'default'}"
     return [
-        mean_row(artefact, "detection.auroc", easy, seed=seed, detail=f"{name}; {rd}"),
-        mean_row(artefact, "detection.auroc_hard", hard, seed=seed, detail=f"{hard_detail}; {rd}"),
+        mean_row(artefact, "detection.auroc", easy, seed=seed, detail=f"{name}; {rd}", units=concept_set.concepts),
+        mean_row(artefact, "detection.auroc_hard", hard, seed=seed, detail=f"{hard_detail}; {rd}",
+                 units=concept_set.concepts),
         mean_row(artefact, "detection.auroc_best_latent", best, seed=seed,
-                 detail=f"{name}; {rd}; latent with best train AUROC"),
+                 detail=f"{name}; {rd}; latent with best train AUROC", units=concept_set.concepts),
     ]

@@ -97,7 +97,8 @@ def probing_metrics(artefact: Artefact, concept_set, text_acts: TextActivations,
     detail = (f"{getattr(concept_set, 'name', '')}; {note}; mean-pooled; "
               f"majority-class test accuracy {np.mean(majority) if majority else float('nan'):.3f}")
     return [
-        mean_row(artefact, "probing.acc_readout", acc_r_, seed=seed, detail=detail),
-        mean_row(artefact, "probing.acc_raw", acc_x_, seed=seed, detail=detail),
-        mean_row(artefact, "probing.onehot_retention", retention, seed=seed, detail=detail),
+        mean_row(artefact, "probing.acc_readout", acc_r_, seed=seed, detail=detail, units=concept_set.concepts),
+        mean_row(artefact, "probing.acc_raw", acc_x_, seed=seed, detail=detail, units=concept_set.concepts),
+        mean_row(artefact, "probing.onehot_retention", retention, seed=seed, detail=detail,
+                 units=concept_set.concepts),
     ]

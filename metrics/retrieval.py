@@ -61,7 +61,7 @@ def _precision_rows(artefact, concept_set, pooled: PooledTexts, selected: dict[s
             kk = min(k, len(s))
             ceil[k].append(min(int(pos.sum()), kk) / kk if kk else float("nan"))
     name = getattr(concept_set, "name", "")
-    return [mean_row(artefact, f"retrieval.precision@{k}", prec[k], seed=seed,
+    return [mean_row(artefact, f"retrieval.precision@{k}", prec[k], seed=seed, units=concept_set.concepts,
                      detail=f"{name}; readout={readout or 'default'}; ceiling {np.nanmean(ceil[k]):.3f}") for k in ks]
 
 
