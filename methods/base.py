@@ -8,19 +8,30 @@ README section "Artefact format".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
+
+from bench.cache import atomic_write_text, unique_tmp
 
 if TYPE_CHECKING:
     from bench.store import ActivationStore
 
-ARTEFACT_FORMAT_VERSION = 1
+ARTEFACT_FORMAT_VERSION = 2  # 2: cfg.json records sha256 of the tensors file and of its own content
+
+TensorShape = tuple[str | int, ...]
+
+
+class ArtefactError(ValueError):
+    """A saved artefact is missing, damaged, of another method or holds non-finite numbers; names path and fix."""
 
 
 @dataclasses.dataclass
@@ -70,6 +81,11 @@ class Artefact(ABC):
     reconstructs: ClassVar[bool] = False  # has a meaningful decode()
     readouts: ClassVar[tuple[str, ...]] = ("default",)
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    # The tensors a saved artefact of this class holds, name -> shape: "K" features, "d" model width, other
+    # strings are sizes that must agree across tensors, ints are fixed sizes. Checked on save and on load, so
+    # another method's file is refused by name. Empty (plugins that declare nothing): only finiteness is checked.
+    tensor_shapes: ClassVar[dict[str, TensorShape]] = {}
+    optional_tensors: ClassVar[dict[str, TensorShape]] = {}  # may be absent (e.g. a JumpReLU SAE's threshold)
 
     def __init__(self, config: MethodConfig, tensors: dict[str, torch.Tensor], info: dict[str, Any]):
         self.config = config
@@ -145,22 +161,59 @@ class Artefact(ABC):
         return x + alpha * self.directions[feature].to(x)
 
     # --- persistence -------------------------------------------------------------------------------------
+    @classmethod
+    def check_tensors(cls, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Refuse tensors this class does not declare, missing ones, shapes that disagree, NaN/inf values."""
+        if cls.tensor_shapes:
+            declared = {**cls.tensor_shapes, **cls.optional_tensors}
+            missing = sorted(set(cls.tensor_shapes) - set(tensors))
+            unknown = sorted(set(tensors) - set(declared))
+            if missing or unknown:
+                raise ArtefactError(
+                    f"{where}: not a {cls.method} artefact (missing tensor(s) {missing}, unexpected {unknown}; "
+                    f"it holds {sorted(tensors)}); was another method's file put here? rebuild it with `epbench build`")
+            sizes: dict[str, int] = {}
+            for name, spec in declared.items():
+                if name not in tensors:
+                    continue
+                shape = tuple(tensors[name].shape)
+                ok = len(shape) == len(spec)
+                for dim, sym in zip(shape, spec):
+                    ok = ok and (dim == sym if isinstance(sym, int) else sizes.setdefault(sym, dim) == dim)
+                if not ok:
+                    raise ArtefactError(f"{where}: tensor {name!r} has shape {list(shape)}, a {cls.method} artefact "
+                                        f"needs {list(spec)} (with {sizes}); rebuild it with `epbench build`")
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ArtefactError(f"{where}: tensor {name!r} holds {bad} NaN/inf value(s); rebuild it with "
+                                    "`epbench build` (if a fresh build does this too, the build diverged: check its "
+                                    "settings and the store)")
+
     def save(self, path: str | Path) -> Path:
-        """Write `artefact.safetensors` + `cfg.json` into directory `path` (atomic per file)."""
+        """Write `artefact.safetensors` + `cfg.json` (with sha256 of both contents) into directory `path`.
+
+        Each file goes through a unique temporary name; cfg.json is written last, so a directory whose cfg.json
+        hashes do not match its tensors was interrupted or damaged, never silently half-written.
+        """
         path = Path(path)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        type(self).check_tensors(tensors, f"{self.name} (about to be saved to {path})")
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "artefact.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp))
-        tmp.replace(path / "artefact.safetensors")
-        cfg = {
-            "format_version": ARTEFACT_FORMAT_VERSION,
-            "method": self.method,
-            "config": self.config.to_dict(),
-            "info": self.info,
-        }
-        tmp_json = path / "cfg.json.tmp"
-        tmp_json.write_text(json.dumps(cfg, indent=2, default=str))
-        tmp_json.replace(path / "cfg.json")
+        tmp = unique_tmp(path / "artefact.safetensors")
+        try:
+            save_file(tensors, str(tmp))
+            tensors_sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+            (path / "cfg.json").unlink(missing_ok=True)  # tensors and cfg.json change together or not at all
+            tmp.replace(path / "artefact.safetensors")
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        body = json.loads(json.dumps({"method": self.method, "config": self.config.to_dict(), "info": self.info},
+                                     default=str))  # round-trip first: the hash is of what a load reads back
+        cfg = {"format_version": ARTEFACT_FORMAT_VERSION, **body, "tensors_sha256": tensors_sha,
+               "content_sha256": _content_sha256(body, tensors_sha)}
+        atomic_write_text(path / "cfg.json", json.dumps(cfg, indent=2))
         return path
 
     @classmethod
@@ -168,23 +221,66 @@ class Artefact(ABC):
         return cls(cls.config_cls.from_dict(config), tensors, info)
 
 
+def _content_sha256(body: dict[str, Any], tensors_sha256: str) -> str:
+    """sha256 over method, config, info (canonical JSON) and the tensors file's sha256."""
+    blob = json.dumps({**body, "tensors_sha256": tensors_sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_cfg(cfg_path: Path) -> dict[str, Any]:
+    """cfg.json, checked for shape: a dict with format_version, method (str), config (dict), info (dict), hashes."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtefactError(f"{cfg_path} is corrupted ({e}); rebuild the artefact with `epbench build`") from e
+    if not isinstance(cfg, dict):
+        raise ArtefactError(f"{cfg_path} holds a {type(cfg).__name__}, not an artefact config; rebuild the artefact")
+    if cfg.get("format_version") != ARTEFACT_FORMAT_VERSION:
+        raise ArtefactError(f"{cfg_path}: format_version {cfg.get('format_version')!r}, this epbench reads "
+                            f"{ARTEFACT_FORMAT_VERSION} (artefacts from older versions carry no content hashes); "
+                            "rebuild it with `epbench build`")
+    wrong = [k for k, t in (("method", str), ("config", dict), ("info", dict), ("tensors_sha256", str),
+                            ("content_sha256", str)) if not isinstance(cfg.get(k), t)]
+    if wrong:
+        raise ArtefactError(f"{cfg_path}: field(s) {wrong} missing or of the wrong type; rebuild the artefact")
+    return cfg
+
+
 def load_artefact(path: str | Path) -> Artefact:
-    """Load any saved artefact; the method named in cfg.json picks the class through the registry."""
+    """Load a saved artefact after verifying it: sha256 of tensors and config, tensor names/shapes, finiteness.
+
+    The method named in cfg.json picks the class through the registry. Any damage raises ArtefactError naming
+    the file and the fix; nothing damaged is ever returned.
+    """
     from methods.registry import get_method
 
     path = Path(path)
     cfg_path, tensor_path = path / "cfg.json", path / "artefact.safetensors"
     for p in (cfg_path, tensor_path):
         if not p.exists():
-            raise FileNotFoundError(f"{p} is missing: {path} is not a saved epbench artefact")
+            raise ArtefactError(f"{p} is missing: {path} is not a saved epbench artefact (or its save was "
+                                "interrupted); rebuild it with `epbench build`")
+    cfg = _read_cfg(cfg_path)
+    data = tensor_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != cfg["tensors_sha256"]:
+        raise ArtefactError(f"{tensor_path} is corrupted (sha256 differs from the one in cfg.json); "
+                            "rebuild it with `epbench build`")
+    body = {k: cfg[k] for k in ("method", "config", "info")}
+    if _content_sha256(body, cfg["tensors_sha256"]) != cfg["content_sha256"]:
+        raise ArtefactError(f"{cfg_path} was modified after saving (content sha256 mismatch); rebuild the artefact")
     try:
-        cfg = json.loads(cfg_path.read_text())
-        tensors = load_file(str(tensor_path))
-    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged artefact
-        raise ValueError(f"artefact at {path} is corrupted ({e}); rebuild it with `epbench build`") from e
-    if cfg.get("format_version") != ARTEFACT_FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format_version {cfg.get('format_version')} != {ARTEFACT_FORMAT_VERSION}")
-    return get_method(cfg["method"]).artefact_cls.from_parts(cfg["config"], tensors, cfg["info"])
+        tensors = load_safetensors_bytes(data)
+    except Exception as e:  # noqa: BLE001 - a parse failure of hashed bytes: written damaged
+        raise ArtefactError(f"{tensor_path} cannot be read ({e}); rebuild it with `epbench build`") from e
+    try:
+        cls = get_method(cfg["method"]).artefact_cls
+    except ValueError as e:
+        raise ArtefactError(f"{cfg_path}: {e}") from e
+    cls.check_tensors(tensors, str(tensor_path))
+    try:
+        return cls.from_parts(cfg["config"], tensors, cfg["info"])
+    except (TypeError, ValueError) as e:
+        raise ArtefactError(f"{cfg_path}: config does not fit {cls.method} ({e}); rebuild the artefact") from e
 
 
 class Method(ABC):

@@ -30,6 +30,7 @@ class DiffMeanArtefact(Artefact):
     supervised = True
     readouts = ("projection",)
     config_cls = DiffMeanConfig
+    tensor_shapes = {"directions": ("K", "d"), "diff_norms": ("K",)}
 
     @property
     def directions(self) -> torch.Tensor:

@@ -606,6 +606,11 @@ class EPArtefact(Artefact):
     reconstructs: ClassVar[bool] = True  # decode is meaningful with the topk readout
     readouts: ClassVar[tuple[str, ...]] = READOUTS  # first is the default
     config_cls: ClassVar[type[MethodConfig]] = EPConfig
+    tensor_shapes: ClassVar[dict[str, tuple]] = {
+        "center": ("d",), "exemplar_directions": ("K", "d"), "mean_directions": ("K", "d"), "coherence": ("K",),
+        "member_count": ("K",), "dist_sum": ("K",), "dist_sqsum": ("K",), "exemplar_context": ("K",),
+        "exemplar_position": ("K",), **{f"{e}_{k}": ("K", "n_examples") for e in ("closest", "farthest")
+                                        for k in ("context", "position", "distance")}}
 
     # geometry ------------------------------------------------------------------------------------------------
     @property

@@ -54,6 +54,7 @@ class KMeansArtefact(Artefact):
     reconstructs = True
     readouts = ("cosine", "binary", "topk", "signed")
     config_cls = KMeansConfig
+    tensor_shapes = {"directions": ("K", "d"), "center": ("d",), "counts": ("K",)}
 
     @property
     def directions(self) -> torch.Tensor:

@@ -36,6 +36,7 @@ class PCAArtefact(Artefact):
     reconstructs = True
     readouts = ("projection",)
     config_cls = PCAConfig
+    tensor_shapes = {"directions": ("K", "d"), "center": ("d",), "explained_variance": ("K",)}
 
     @property
     def directions(self) -> torch.Tensor:

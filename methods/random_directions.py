@@ -36,6 +36,7 @@ class RandomArtefact(Artefact):
     method = "random"
     readouts = ("projection",)
     config_cls = RandomConfig
+    tensor_shapes = {"directions": ("K", "d"), "center": ("d",)}
 
     @property
     def directions(self) -> torch.Tensor:

@@ -98,6 +98,8 @@ class SAEArtefact(Artefact):
     reconstructs = True
     readouts = ("latent", "pre")  # latent: the SAE's feature activations; pre: dense encoder pre-activations
     config_cls = SAEConfig
+    tensor_shapes = {"W_enc": ("d", "K"), "W_dec": ("K", "d"), "b_enc": ("K",), "b_dec": ("d",)}
+    optional_tensors = {"threshold": ("K",)}  # JumpReLU only
 
     # Interventions: the inherited `ablate` projects the unit decoder direction out of x with centre zero (no
     # `center` tensor); b_dec is not used as a pivot because it is a reconstruction offset, not a data centre.
