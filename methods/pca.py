@@ -1,7 +1,9 @@
 """PCA: the top-k principal components of the activations about their mean, from a streamed covariance.
 
 The covariance is accumulated batch by batch (float64, shifted by the first batch's mean for numerical stability),
-so memory is bounded by d x d whatever the number of rows; the components are its top eigenvectors.
+so memory is bounded by d x d whatever the number of rows; the components are its top eigenvectors. The solution is
+exact, not randomised or iterative: a full symmetric eigendecomposition (`torch.linalg.eigh`, float64) of the exact
+sample covariance of the rows read (`info["solver"]` says so).
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class PCA(Method):
         ratio = (var_K / total_var).tolist() if total_var > 0 else [0.0] * cfg.k
         info = base_info(store, layer, f"pca:k={cfg.k}", cost, n_train_rows=n,
                          explained_variance_ratio=ratio, explained_variance_ratio_total=float(sum(ratio)),
-                         total_variance=total_var)
+                         total_variance=total_var,
+                         solver="exact: full eigendecomposition (torch.linalg.eigh) of the float64 sample covariance")
         tensors = {"directions": comps_KD.float().cpu().contiguous(), "center": mean_D.float().cpu(),
                    "explained_variance": var_K.cpu()}
         return PCAArtefact(cfg, tensors, info)

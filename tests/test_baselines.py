@@ -83,8 +83,41 @@ def test_kmeans_recovers_planted_clusters(clustered):
         sims = art.directions @ (planted / planted.norm())
         assert float(sims.max()) > 0.99
     assert ((a.score >= 0) & (a.score <= 2)).all()
-    assert art.cost.flops == 2.0 * 400 * 5 * D * 20 * 5 and art.cost.rows == 400
+    iters = art.info["total_iterations"]  # every Lloyd iteration run, the restarts' objectives, the final pass
+    assert art.cost.flops == 2.0 * 400 * 5 * D * (iters + 5 + 1) and art.cost.rows == 400
     assert art.cost.wall_seconds > 0 and int(art.tensors["counts"].sum()) == 400
+
+
+def _np_objective(x: torch.Tensor, art: KMeansArtefact) -> float:
+    """Spherical k-means objective by hand (float64 numpy): sum of each centred unit row's best cosine."""
+    xc = x.double().numpy() - art.center.double().numpy()
+    u = xc / np.linalg.norm(xc, axis=1, keepdims=True)
+    return float((u @ art.directions.double().numpy().T).max(axis=1).sum())
+
+
+def test_kmeans_runs_to_convergence_and_reports_its_objective(clustered):
+    store, x, _ = clustered
+    art = KMeans(k=5, n_rows=400, niter=100, tol=1e-6, nredo=2).fit(store, LAYER)
+    info = art.info
+    assert info["converged"] is True and info["stop_reason"].startswith("converged")
+    assert 2 <= info["iterations"] < 100 and info["total_iterations"] >= info["iterations"]
+    assert len(info["objective_curve"]) == info["iterations"]
+    np.testing.assert_allclose(info["objective"], _np_objective(x[:400], art), rtol=1e-6)
+    # Lloyd iterations never lower the spherical objective; the last change is below tol.
+    curve = np.array(info["objective_curve"])
+    assert (np.diff(curve) >= -1e-3).all() and abs(curve[-1] - curve[-2]) / abs(curve[-2]) < 1e-6
+    assert info["objective"] >= curve[-1] - 1e-3
+    assert "relative objective change < 1e-06" in info["stopping_rule"]
+
+
+def test_kmeans_cap_is_reported(clustered):
+    store, x, _ = clustered
+    art = KMeans(k=5, n_rows=400, niter=3, tol=0).fit(store, LAYER)
+    assert art.info["iterations"] == 3 and art.info["converged"] is False
+    assert art.info["stop_reason"].startswith("cap: niter=3")
+    np.testing.assert_allclose(art.info["objective"], _np_objective(x[:400], art), rtol=1e-6)
+    with pytest.raises(ValueError, match="tol >= 0"):
+        KMeans(k=5, tol=-1).fit(store, LAYER)
 
 
 def test_kmeans_readouts_and_decode(clustered):
@@ -172,6 +205,33 @@ def test_pca_full_rank_reconstructs(gaussian):
     art = PCA(k=D, n_rows=None).fit(store, LAYER)
     torch.testing.assert_close(art.decode(art.encode(x)), x, rtol=1e-4, atol=1e-4)
     assert art.info["explained_variance_ratio_total"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_pca_is_exact_on_ill_conditioned_offset_data(tmp_path):
+    """A large common offset and variances spanning 8 decades, streamed in many batches: the components and
+    variances match numpy's SVD of the centred float64 rows, and the rank-k error is the discarded variance."""
+    g = np.random.default_rng(3)
+    n_ctx, T = 37, 11
+    scales = np.logspace(2, -2, D)
+    q = np.linalg.qr(g.standard_normal((D, D)))[0]
+    x = (g.standard_normal((n_ctx * T, D)) * scales) @ q + 1e3
+    x = x.astype(np.float32)
+    store = write_synthetic_store(tmp_path / "ill", {LAYER: torch.from_numpy(x).reshape(n_ctx, T, D)},
+                                  shard_contexts=5)
+    k = 5
+    art = PCA(k=k, n_rows=None, batch_contexts=3).fit(store, LAYER)
+    xd = x.astype(np.float64)
+    xc = xd - xd.mean(0)
+    _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+    var = sv**2 / (len(x) - 1)
+    np.testing.assert_allclose(art.explained_variance.numpy(), var[:k], rtol=1e-6)
+    comps = art.directions.double().numpy()
+    np.testing.assert_allclose(np.abs((comps * vt[:k]).sum(1)), np.ones(k), atol=1e-6)
+    np.testing.assert_allclose(art.info["total_variance"], var.sum(), rtol=1e-9)
+    # Eckart-Young: projecting onto the top k leaves exactly the variance of the other components.
+    resid = xc - (xc @ comps.T) @ comps
+    np.testing.assert_allclose((resid**2).sum() / (len(x) - 1), var[k:].sum(), rtol=1e-5)
+    assert art.info["solver"].startswith("exact")
 
 
 def test_pca_n_rows_and_k_guard(gaussian):
