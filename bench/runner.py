@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from bench.activations import TextActivations
-from bench.cache import cache_dir
+from bench.cache import LockBusy, atomic_write_text, cache_dir, file_lock, hold_lock, unique_tmp
 from bench.store import ActivationStore, ExtractionRequest, extract, library_versions
 from bench.suites import CROSS_LAYER_FAMILIES, MethodSpec, Suite
-from methods.base import Artefact, load_artefact
+from methods.base import Artefact, ArtefactError, load_artefact
 from metrics.common import MetricRow
 
 ALL_LAYERS = -1
@@ -102,9 +102,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    """Write JSON through a unique temporary file (no clash between processes; nothing partial left on ENOSPC)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 class ModelContext:
@@ -225,18 +224,82 @@ class ModelContext:
         arts = self.artefacts(cell.spec, cell.layer)
         return [a for a in arts if keep is None or a.name in keep or cell.spec in keep]
 
+    def artefact_summaries(self, cell: "Cell") -> list[dict[str, Any]]:
+        """The budget and fit evidence of the artefacts a per-layer cell scored (recorded in its cell file)."""
+        if cell.layer == ALL_LAYERS:
+            return []
+        out = []
+        for a in self.cell_artefacts(cell):
+            c, info = a.cost, a.info
+            out.append({"name": a.name, "family": a.method, "K": a.K, "tokens": c.tokens, "rows": c.rows,
+                        "flops": c.flops, "seed": getattr(a.config, "seed", None), "p": info.get("p"),
+                        "matched_to": info.get("matched_to"), "quality": fit_quality(a)})
+        return out
+
     def _artefact_dir(self, spec: MethodSpec) -> Path:
-        return cache_dir() / "artefacts" / self.store.id / f"{spec.method}-{spec.key()}"
+        return cache_dir() / "artefacts" / self.store.id / f"{spec.method}-{self.spec_key(spec)}"
+
+    def spec_key(self, spec: MethodSpec) -> str:
+        """The spec's key, extended by its match targets' keys (their K / tokens decide what is built)."""
+        if not spec.match:
+            return spec.key()
+        import hashlib
+
+        parts = [spec.key()] + [self.spec_key(self.spec(label)) for label in spec.match_to]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:10]
+
+    def inputs_key(self, spec: MethodSpec) -> str:
+        """Hash of what an artefact is fitted on beyond store and settings: the suite layers, the concept sets
+        (names and labelled texts) for supervised methods, and the method's code (its module and methods.common)."""
+        import hashlib
+        import inspect
+
+        from methods.registry import get_method
+
+        cls = get_method(spec.method)
+        code = hashlib.sha256()
+        for mod in (inspect.getmodule(cls), inspect.getmodule(Artefact)):
+            src = inspect.getsourcefile(mod) if mod is not None else None
+            code.update(Path(src).read_bytes() if src else repr(cls).encode())
+        code.update((Path(__file__).resolve().parents[1] / "methods" / "common.py").read_bytes())
+        inputs: dict[str, Any] = {"layers": sorted(self.suite.layers), "code": code.hexdigest()}
+        if cls.supervised:
+            inputs["concept_sets"] = {
+                name: hashlib.sha256(cs.examples[["text", "concept", "category", "split"]].to_json().encode())
+                .hexdigest() for name, cs in self.concept_sets.items()}
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+    def _load_cached(self, root: Path) -> dict[int, list[Artefact]] | None:
+        """The artefacts under `root` if every one verifies and every suite layer is there; None when absent.
+
+        A damaged one (hash, shape, NaN, missing file, torn index) is reported and None returned, so it is rebuilt.
+        """
+        index = root / "index.json"
+        if not index.exists():
+            return None
+        try:
+            saved = json.loads(index.read_text())
+            out = {int(L): [load_artefact(root / p) for p in paths] for L, paths in saved.items()}
+            if set(out) != set(self.suite.layers):
+                raise ArtefactError(f"{index} covers layers {sorted(out)}, not {sorted(self.suite.layers)}")
+            return out
+        except (ArtefactError, ValueError, TypeError, AttributeError, KeyError, OSError) as e:
+            print(f"[epbench] cached artefact unusable, rebuilding it: {e}", flush=True)
+            return None
 
     def _load_or_build(self, spec: MethodSpec) -> dict[int, list[Artefact]]:
-        root = self._artefact_dir(spec)
-        index = root / "index.json"
-        if index.exists():
-            try:
-                saved = json.loads(index.read_text())
-                return {int(L): [load_artefact(root / p) for p in paths] for L, paths in saved.items()}
-            except (ValueError, FileNotFoundError, KeyError):
-                pass  # damaged cache: rebuild below
+        root = self._artefact_dir(spec) / self.inputs_key(spec)
+        cached = self._load_cached(root)
+        if cached is not None:
+            return cached
+        with file_lock(root.parent / f"{root.name}.lock", f"the {spec.label} artefact build in {root}"):
+            cached = self._load_cached(root)  # another process may have built it while we waited
+            if cached is not None:
+                return cached
+            return self._build_and_save(spec, root)
+
+    def _build_and_save(self, spec: MethodSpec, root: Path) -> dict[int, list[Artefact]]:
+        (root / "index.json").unlink(missing_ok=True)  # the index is rewritten last, once every artefact landed
         built = self.build(spec)
         paths: dict[str, list[str]] = {}
         for L, arts in built.items():
@@ -253,27 +316,63 @@ class ModelContext:
         from methods.registry import get_method
 
         cls = get_method(spec.method)
-        method = cls(**spec.params)
         layers = self.suite.layers
+        if spec.match:
+            return {L: self._build_matched(spec, L) for L in layers}
         if spec.method == "ep":
+            method = cls(**spec.params)
             built = method.fit_many(self.store, layers)
             return {L: [built[(L, p)] for p in method.config.percentiles] for L in layers}
-        out: dict[int, list[Artefact]] = {}
-        for L in layers:
-            if cls.supervised:
-                out[L] = []
-                for name, cs in self.concept_sets.items():
-                    art = method.fit(self.store, L, concepts=self.concept_fit_data(name, L))
-                    art.info["concept_set"] = name
-                    art.info["label"] = f"{art.name}[{name}]"
-                    out[L].append(art)
-            elif hasattr(method, "fit_many") and spec.method == "kmeans" and isinstance(method.config.k, list):
-                out[L] = list(method.fit_many(self.store, L))
-            else:
-                out[L] = [method.fit(self.store, L)]
-            for a in out[L]:
+        out: dict[int, list[Artefact]] = {L: [] for L in layers}
+        for params in _seeded(spec.params, spec.seeds):
+            method = cls(**params)
+            for L in layers:
+                if cls.supervised:
+                    for name, cs in self.concept_sets.items():
+                        art = method.fit(self.store, L, concepts=self.concept_fit_data(name, L))
+                        art.info["concept_set"] = name
+                        art.info["label"] = f"{art.name}[{name}]"
+                        out[L].append(art)
+                elif hasattr(method, "fit_many") and spec.method == "kmeans" and isinstance(method.config.k, list):
+                    out[L] += list(method.fit_many(self.store, L))
+                else:
+                    out[L].append(method.fit(self.store, L))
+        for arts in out.values():
+            for a in arts:
                 if spec.label != spec.method and a.info.get("label", a.method) == a.method:
                     a.info["label"] = spec.label
+        return out
+
+    def match_targets(self, spec: MethodSpec, layer: int) -> list[Artefact]:
+        """The artefacts (one per name: seeds share a budget) whose K or tokens a matched spec copies."""
+        targets: dict[str, Artefact] = {}
+        for label in spec.match_to:
+            for t in self.artefacts(label, layer):
+                if not spec.match_p or t.info.get("p") in spec.match_p:
+                    targets.setdefault(t.name, t)
+        if not targets:
+            raise ValueError(f"method spec {spec.label!r}: no artefact of {spec.match_to} (p in {spec.match_p or 'any'})"
+                             f" at layer {layer} to match; check match_to / match_p against the suite's methods")
+        return list(targets.values())
+
+    def _build_matched(self, spec: MethodSpec, layer: int) -> list[Artefact]:
+        """One artefact per target (per seed) with the target's K or token budget; labelled `<spec>(<target>)`."""
+        from methods.registry import get_method
+
+        cls = get_method(spec.method)
+        out = []
+        for target in self.match_targets(spec, layer):
+            budget = budget_params(spec, cls, target)
+            if budget is None:
+                print(f"[epbench] {spec.label}: skipping {target.name} at layer {layer} (K={target.K} is not a valid "
+                      f"{spec.method} size here)", flush=True)
+                continue
+            for params in _seeded({**spec.params, **budget}, spec.seeds):
+                art = cls(**params).fit(self.store, layer)
+                art.info["label"] = f"{spec.label}({target.name})"
+                art.info["matched_to"] = {"artefact": target.name, "kind": spec.match, "K": target.K,
+                                          "tokens": target.cost.tokens, "rows": target.cost.rows}
+                out.append(art)
         return out
 
     def concept_fit_data(self, name: str, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -295,6 +394,51 @@ class ModelContext:
 
 # ---------------------------------------------------------------------------------------------------------
 # Metric families: each (context, cell) -> rows
+
+
+# Config field that sets a method's dictionary size (plugins may declare `size_param` on their Method class).
+SIZE_PARAMS = {"kmeans": "k", "random": "k", "pca": "k", "sae": "width"}
+
+
+def budget_params(spec: MethodSpec, cls: type, target: Artefact) -> dict[str, Any] | None:
+    """Config overrides giving `spec` the target's budget: its K (size parameter) or its streamed tokens."""
+    if spec.match == "tokens":
+        if spec.method != "sae":
+            raise ValueError(f"{spec.label}: match='tokens' is implemented for trained SAEs (token_budget) only")
+        return {"token_budget": int(target.cost.tokens)}
+    name = getattr(cls, "size_param", None) or SIZE_PARAMS.get(spec.method)
+    if name is None:
+        raise ValueError(f"{spec.label}: method {spec.method!r} has no size parameter to match K with; "
+                         "declare `size_param` on its Method class")
+    if spec.method == "pca" and target.K > target.d_model:
+        return None  # PCA has at most d components
+    if spec.method == "sae" and target.K < int(spec.params.get("k", 1)):
+        return None  # fewer latents than the TopK k
+    return {name: int(target.K)}
+
+
+# An SAE whose held-out explained variance is below this is marked "undertrained" wherever it appears.
+EV_FLOOR = 0.7
+
+
+def fit_quality(a: Artefact) -> dict[str, Any] | None:
+    """Evidence that a fitted baseline is at its best: SAE held-out EV / convergence, k-means iterations."""
+    info = a.info
+    if a.method == "sae" and info.get("source") == "trained":
+        ev = info.get("explained_variance")  # held-out, after training
+        tr = info.get("training") or {}
+        return {"explained_variance": ev, "undertrained": ev is None or ev < EV_FLOOR, "ev_floor": EV_FLOOR,
+                "converged": tr.get("converged"), "stop_reason": tr.get("stop_reason"), "epochs": tr.get("epochs")}
+    if a.method == "kmeans":
+        return {k: info.get(k) for k in ("iterations", "objective", "converged", "stop_reason")}
+    if a.method == "ep":
+        return {"stop_reason": info.get("stop_reason"), "tokens_streamed": info.get("tokens_streamed")}
+    return None
+
+
+def _seeded(params: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
+    """One parameter set per fit seed (the params as given when no seeds are listed)."""
+    return [params] if not seeds else [{**params, "seed": s} for s in seeds]
 
 
 def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
@@ -449,13 +593,16 @@ class Run:
         self.dir = Path(results_dir) / self.run_id
         self.cells_dir = self.dir / "cells"
         self.progress = progress
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # one process per run directory: a second `epbench run` of the same run id refuses in one line
+        hold_lock(self.dir / ".lock", f"run {self.dir}", wait=False)
         if force and self.cells_dir.exists():
             for p in self.cells_dir.glob("*.json"):
                 p.unlink()
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         self._contexts: dict[str, ModelContext] = {}
         meta_path = self.dir / "run.json"
-        self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
+        self.meta = _read_run_json(meta_path) or {
             "run_id": self.run_id, "suite": suite.name, "config": suite.to_dict(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": 0.0}
         self.meta.update(versions=library_versions(), git_commit=git_commit(), machine=machine_info())
@@ -479,13 +626,14 @@ class Run:
         return self.cells_dir / f"{cell.id}.json"
 
     def is_done(self, cell: Cell) -> bool:
-        return self.cell_path(cell).exists()
+        return read_cell(self.cell_path(cell)) is not None
 
     def run_cell(self, cell: Cell) -> list[MetricRow]:
         """Compute one cell (or read it back when a previous run finished it) and record its rows."""
         path = self.cell_path(cell)
-        if path.exists():
-            return [MetricRow(**r) for r in json.loads(path.read_text())["rows"]]
+        done = read_cell(path)
+        if done is not None:
+            return [MetricRow(**r) for r in done["rows"]]
         ctx = self.context(cell.model)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         t0 = time.perf_counter()
@@ -494,12 +642,17 @@ class Run:
         except (KeyError, IndexError, RuntimeError, ValueError) as e:
             raise RuntimeError(f"cell {cell.id} failed: {type(e).__name__}: {e} (finished cells are kept; "
                                "rerun to resume)") from e
+        if not rows:  # a family that measured nothing (e.g. no artefact fitted on this concept set) is an error
+            raise RuntimeError(f"cell {cell.id} produced no rows: nothing was scored for {cell.spec} on "
+                               f"{cell.family}; check the method's inputs (concept sets, layers) and rerun "
+                               "(finished cells are kept)")
         wall = time.perf_counter() - t0
         record = {
             "cell": cell.__dict__, "cell_id": cell.id, "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": wall,
             "store_id": ctx.store.id, "method_family": ctx.spec(cell.spec).method,
             "git_commit": self.meta["git_commit"],
+            "artefacts": ctx.artefact_summaries(cell),
             "rows": [r.to_dict() for r in rows],
         }
         _atomic_json(path, record)
@@ -509,27 +662,11 @@ class Run:
         return rows
 
     def records(self) -> Iterator[dict[str, Any]]:
-        for p in sorted(self.cells_dir.glob("*.json")):
-            yield json.loads(p.read_text())
+        yield from _cell_records(self.cells_dir)
 
     def write_tables(self) -> Path:
         """Rebuild rows.parquet / rows.csv from the finished cells (tidy rows + provenance columns)."""
-        import pandas as pd
-
-        rows = []
-        for rec in self.records():
-            for r in rec["rows"]:
-                r = {k: v for k, v in r.items() if k != "units"}  # per-unit values stay in the cell files
-                rows.append({**r, "suite": self.suite.name, "cell_id": rec["cell_id"],
-                             "method_family": rec["method_family"], "store_id": rec["store_id"],
-                             "git_commit": rec.get("git_commit", self.meta["git_commit"]), "started": rec["started"],
-                             "finished": rec["finished"]})
-        df = pd.DataFrame(rows)
-        df.to_parquet(self.dir / "rows.parquet.tmp", index=False)
-        (self.dir / "rows.parquet.tmp").replace(self.dir / "rows.parquet")
-        df.to_csv(self.dir / "rows.csv.tmp", index=False)
-        (self.dir / "rows.csv.tmp").replace(self.dir / "rows.csv")
-        return self.dir / "rows.parquet"
+        return write_tables(self.dir, self.suite.name, self.meta["git_commit"])
 
     def finish(self) -> None:
         self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -537,9 +674,117 @@ class Run:
         self.write_tables()
 
 
+def read_cell(path: Path) -> dict[str, Any] | None:
+    """A finished cell's record, or None when it is absent or unreadable (then it is recomputed, and says so)."""
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        if isinstance(rec, dict) and isinstance(rec.get("rows"), list) and rec["rows"] and "cell_id" in rec:
+            return rec
+        problem = "has no rows or no cell_id"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problem = f"is unreadable ({e})"
+    print(f"[epbench] cell file {path} {problem}; it will be recomputed", flush=True)
+    return None
+
+
+def _cell_records(cells_dir: Path) -> Iterator[dict[str, Any]]:
+    for p in sorted(cells_dir.glob("*.json")):
+        rec = read_cell(p)
+        if rec is not None:
+            yield rec
+
+
+def _read_run_json(path: Path) -> dict[str, Any] | None:
+    """run.json if it parses as an object; None when absent or damaged (it is rewritten from the suite)."""
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if isinstance(meta, dict):
+            return meta
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    print(f"[epbench] {path} is damaged; rewriting it from the suite (cells are kept)", flush=True)
+    return None
+
+
+def _cells_digest(cells_dir: Path) -> str:
+    """sha256 over the names and bytes of every cell file: what the derived tables must have been built from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(cells_dir.glob("*.json")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+TABLES_RECORD = "tables.json"  # sha256 of rows.parquet, rows.csv and of the cells they were built from
+
+
+def write_tables(run_dir: Path, suite_name: str, git_commit_: str) -> Path:
+    """rows.parquet and rows.csv from cells/*.json (the source of truth), plus tables.json recording their sha256."""
+    import hashlib
+
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    cells_dir = run_dir / "cells"
+    digest = _cells_digest(cells_dir)
+    rows = []
+    for rec in _cell_records(cells_dir):
+        for r in rec["rows"]:
+            r = {k: v for k, v in r.items() if k != "units"}  # per-unit values stay in the cell files
+            rows.append({**r, "suite": suite_name, "cell_id": rec["cell_id"],
+                         "method_family": rec.get("method_family"), "store_id": rec.get("store_id"),
+                         "git_commit": rec.get("git_commit", git_commit_), "started": rec.get("started"),
+                         "finished": rec.get("finished")})
+    df = pd.DataFrame(rows)
+    hashes = {}
+    for name, write in (("rows.parquet", lambda p: df.to_parquet(p, index=False)),
+                        ("rows.csv", lambda p: df.to_csv(p, index=False))):
+        tmp = unique_tmp(run_dir / name)
+        try:
+            write(tmp)
+            hashes[name] = hashlib.sha256(tmp.read_bytes()).hexdigest()
+            tmp.replace(run_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _atomic_json(run_dir / TABLES_RECORD, {"cells_sha256": digest, "files": hashes, "n_rows": len(df)})
+    return run_dir / "rows.parquet"
+
+
+def verify_tables(run_dir: str | Path) -> bool:
+    """Check rows.parquet / rows.csv against tables.json and the cells; rebuild them from the cells when a table
+    is missing, damaged or stale. Returns True when they were rebuilt (and says why)."""
+    import hashlib
+
+    run_dir = Path(run_dir)
+    record_path = run_dir / TABLES_RECORD
+    problem = ""
+    try:
+        record = json.loads(record_path.read_text())
+        if record["cells_sha256"] != _cells_digest(run_dir / "cells"):
+            problem = "they are older than the cells"
+        for name, sha in record["files"].items():
+            p = run_dir / name
+            if not problem and (not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != sha):
+                problem = f"{p} is missing or damaged (sha256 differs from {record_path})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        problem = f"{record_path} is missing or damaged"
+    if not problem:
+        return False
+    meta = _read_run_json(run_dir / "run.json") or {}
+    print(f"[epbench] rebuilding the tables of {run_dir} from its cells: {problem}", flush=True)
+    write_tables(run_dir, str(meta.get("suite", "unknown")), str(meta.get("git_commit", "unknown")))
+    return True
+
+
 def run_suite(suite: Suite, results_dir: str | Path = "results", run_id: str | None = None, force: bool = False,
-              progress: bool = True, report: bool = True) -> Run:
-    """Run every cell (skipping finished ones), then write the report."""
+              progress: bool = True, report: bool = True, executor: str = "local", address: str | None = None) -> Run:
+    """Run every cell (skipping finished ones), then write the report. `executor="ray"` runs the same cells on a
+    Ray cluster (`address`; see bench.executors)."""
     from tqdm.auto import tqdm
 
     run = Run(suite, results_dir, run_id, force, progress)
@@ -547,8 +792,14 @@ def run_suite(suite: Suite, results_dir: str | Path = "results", run_id: str | N
     todo = [c for c in cells if not run.is_done(c)]
     print(f"[epbench] suite {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished "
           f"-> {run.dir}", flush=True)
-    for cell in tqdm(todo, desc=f"suite {suite.name}", unit="cell", disable=not progress):
-        run.run_cell(cell)
+    if executor != "local":
+        from bench.executors import run_cells
+
+        run_cells(run, todo, executor, address=address, progress=progress)
+    else:
+        run.meta["executor"] = {"name": "local"}
+        for cell in tqdm(todo, desc=f"suite {suite.name}", unit="cell", disable=not progress):
+            run.run_cell(cell)
     run.finish()
     if report:
         from bench.report import write_report

@@ -24,7 +24,7 @@ class MetricRow:
     ci_low: float = float("nan")
     ci_high: float = float("nan")
     n: int = 0  # units averaged over (concepts, prompts, features, layer pairs)
-    seed: int = 0
+    seed: int = 0  # the artefact's fit seed (its config `seed`) where it has one, else the metric's seed
     supervised: bool = False  # the method used concept labels to fit (DiffMean)
     detail: str = ""  # free text, e.g. the concept set or the layer pair
     # Per-unit values behind `value` (unit id -> value: a concept, prompt or text), kept in the cell files so
@@ -50,7 +50,7 @@ def row(artefact: Artefact, metric: str, value: float, ci: tuple[float, float] =
         ci_low=float(ci[0]),
         ci_high=float(ci[1]),
         n=int(n),
-        seed=seed,
+        seed=int(getattr(artefact.config, "seed", seed)),
         supervised=bool(artefact.supervised),
         detail=detail,
         units=units,

@@ -31,16 +31,34 @@ def _parse_value(v: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
+MATCH_KINDS = ("K", "tokens")
+
+
 @dataclass
 class MethodSpec:
-    """One method configuration of the grid. `label` names its cells; `params` override config defaults."""
+    """One method configuration of the grid. `label` names its cells; `params` override config defaults.
+
+    Budget matching: `match="K"` builds one artefact per artefact of the specs named in `match_to` at the same
+    layer, with its size parameter (k-means/random/PCA `k`, SAE `width`) set to that artefact's K; `match="tokens"`
+    trains on exactly the tokens that artefact streamed (SAE). `match_p` keeps only EP targets at these
+    percentiles. Matched artefacts are labelled `<label>(<target>)`, e.g. `kmeans@K(ep:p=4)`.
+    `seeds`: fit once per seed (stochastic methods); rows carry the fit seed, verdicts average over seeds.
+    """
 
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    match: str = ""  # "", "K" or "tokens"
+    match_to: list[str] = field(default_factory=list)  # spec labels whose artefacts set the budget
+    match_p: list[float] = field(default_factory=list)  # EP percentiles to match (empty: every target)
+    seeds: list[int] = field(default_factory=list)  # empty: the config's own seed only
 
     def __post_init__(self) -> None:
-        self.label = self.label or self.method
+        self.label = self.label or (f"{self.method}@{self.match}" if self.match else self.method)
+        if self.match and self.match not in MATCH_KINDS:
+            raise ValueError(f"method spec {self.label!r}: match must be one of {MATCH_KINDS}, not {self.match!r}")
+        if self.match and not self.match_to:
+            raise ValueError(f"method spec {self.label!r}: match={self.match!r} needs match_to (spec labels)")
 
     @classmethod
     def parse(cls, text: str) -> "MethodSpec":
@@ -58,7 +76,10 @@ class MethodSpec:
         return cls(name, params, label=text)
 
     def key(self) -> str:
-        blob = json.dumps({"method": self.method, "params": self.params}, sort_keys=True, default=str)
+        ident: dict[str, Any] = {"method": self.method, "params": self.params}
+        if self.match or self.seeds:  # keys of specs without them are unchanged (existing caches stay valid)
+            ident.update(match=self.match, match_to=self.match_to, match_p=self.match_p, seeds=self.seeds)
+        blob = json.dumps(ident, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 

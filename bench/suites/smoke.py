@@ -15,6 +15,9 @@ SUITE = Suite(
         MethodSpec("pca", {"k": 8}),
         MethodSpec("random", {"k": 32}),
         MethodSpec("diffmean"),
+        # budget-matched baselines: at each EP artefact's K, and an SAE on exactly the tokens EP streamed
+        MethodSpec("kmeans", {"n_rows": 2000, "n_calib": 2000}, match="K", match_to=["ep"]),
+        MethodSpec("random", {"k": 32}, match="K", match_to=["ep", "sae", "kmeans", "pca"]),
     ],
     store_tokens=6_000,
     ctx_len=64,
