@@ -162,7 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import run_suite
 
     suite = _suite_from_args(args)
-    run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=not args.no_report)
+    run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=not args.no_report,
+                    executor=args.executor, address=args.address)
     print_table(run.dir)
     return 0
 
@@ -222,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results-dir", default="results")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where cells run: this process (default) or a Ray cluster (pip install 'epbench[ray]')")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (auto, host:6379, ray://host:10001); default: start one on this machine")
 
     p = sub.add_parser("score", help="score methods on one model and layer; prints one table")
     p.add_argument("--model", default="smollm2-135m")
