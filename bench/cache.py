@@ -121,3 +121,27 @@ def file_lock(path: str | Path, what: str, wait: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+_HELD: dict[str, Any] = {}  # lock path -> entered file_lock context, held until release or process exit
+
+
+def hold_lock(path: str | Path, what: str, wait: bool = False) -> None:
+    """Take an exclusive lock on `path` for the rest of this process (idempotent within the process).
+
+    For long-lived owners such as a run directory: a second process refuses (LockBusy, one line) or waits, while
+    code in the same process may open the same run again. The kernel releases it when the process ends.
+    """
+    key = str(Path(path).resolve())
+    if key in _HELD:
+        return
+    lock = file_lock(path, what, wait)
+    lock.__enter__()  # the generator keeps the fd open until release_lock() or process exit
+    _HELD[key] = lock
+
+
+def release_lock(path: str | Path) -> None:
+    """Release a lock taken with hold_lock (no-op when this process does not hold it)."""
+    lock = _HELD.pop(str(Path(path).resolve()), None)
+    if lock is not None:
+        lock.__exit__(None, None, None)

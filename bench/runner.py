@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.activations import TextActivations
-from bench.cache import LockBusy, atomic_write_text, cache_dir, file_lock, hold_lock, unique_tmp
+from bench.cache import atomic_write_text, cache_dir, file_lock, hold_lock, unique_tmp
 from bench.store import ActivationStore, ExtractionRequest, extract, library_versions
 from bench.suites import CROSS_LAYER_FAMILIES, MethodSpec, Suite
 from methods.base import Artefact, ArtefactError, load_artefact
@@ -308,7 +308,7 @@ class ModelContext:
                 rel = f"L{L:02d}/{i:02d}-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', a.name)}"
                 a.save(root / rel)
                 paths[str(L)].append(rel)
-        _atomic_json(index, paths)
+        _atomic_json(root / "index.json", paths)
         return built
 
     def build(self, spec: MethodSpec) -> dict[int, list[Artefact]]:

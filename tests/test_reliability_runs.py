@@ -1,0 +1,172 @@
+"""Issue 9 items 1, 3, 4, 5, 11 in the run path: cached artefacts verified and keyed by every input, derived
+tables checked against the cells, zero-row cells refused, one process per run directory."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.cache import LockBusy
+from bench.cli import narrow_suite
+from bench.runner import FAMILIES, ModelContext, Run, run_suite, verify_tables
+from bench.suites import get_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _suite(layers=(1,), methods=("pca",), metrics=("build", "retrieval")):
+    return narrow_suite(get_suite("smoke"), layers=list(layers), methods=list(methods), metrics=list(metrics))
+
+
+def _values(run_dir: Path) -> pd.Series:
+    df = pd.read_parquet(run_dir / "rows.parquet")
+    df = df[~df.metric.str.contains("wall_seconds|peak_memory|rows_per_s")]
+    return df.set_index(["cell_id", "metric", "detail"])["value"].sort_index()
+
+
+def test_a_corrupted_cached_artefact_is_rebuilt_and_says_so(tmp_path, cache, capsys):
+    first = run_suite(_suite(), tmp_path / "r", run_id="a", progress=False, report=False)
+    clean = _values(first.dir)
+    (tensors,) = cache.glob("artefacts/*/pca-*/*/L01/*/artefact.safetensors")
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = run_suite(_suite(), tmp_path / "r", run_id="b", progress=False, report=False)
+    assert "cached artefact unusable, rebuilding it" in capsys.readouterr().out
+    pd.testing.assert_series_equal(_values(again.dir).droplevel(0), clean.droplevel(0))
+
+
+def test_a_flipped_byte_in_rows_parquet_never_reaches_a_reader(tmp_path, cache, capsys):
+    run = run_suite(_suite(), tmp_path, run_id="r", progress=False, report=False)
+    clean = _values(run.dir)
+    assert verify_tables(run.dir) is False  # fresh tables pass
+    p = run.dir / "rows.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    p.write_bytes(bytes(data))
+    assert verify_tables(run.dir) is True
+    assert "rows.parquet is missing or damaged" in capsys.readouterr().out
+    pd.testing.assert_series_equal(_values(run.dir), clean)
+    csv = run.dir / "rows.csv"
+    csv.write_text(csv.read_text()[:200])  # truncated
+    assert verify_tables(run.dir) is True and len(pd.read_csv(csv)) == len(clean) + _n_excluded(run.dir)
+    (run.dir / "cells" / "extra.json").write_text(next((run.dir / "cells").glob("*.json")).read_text())
+    assert verify_tables(run.dir) is True  # tables older than the cells are rebuilt too
+    assert "older than the cells" in capsys.readouterr().out
+
+
+def _n_excluded(run_dir: Path) -> int:
+    df = pd.read_parquet(run_dir / "rows.parquet")
+    return int(df.metric.str.contains("wall_seconds|peak_memory|rows_per_s").sum())
+
+
+def test_a_cell_with_zero_rows_is_an_error_not_a_finish(tmp_path, cache, monkeypatch):
+    monkeypatch.setitem(FAMILIES, "retrieval", lambda ctx, cell: [])
+    with pytest.raises(RuntimeError, match="retrieval produced no rows"):
+        run_suite(_suite(), tmp_path, run_id="r", progress=False, report=False)
+    assert not list((tmp_path / "r" / "cells").glob("*retrieval*.json"))
+
+
+def test_a_torn_cell_file_is_recomputed(tmp_path, cache, capsys):
+    run = run_suite(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False, report=False)
+    (cell,) = (run.dir / "cells").glob("*.json")
+    cell.write_text(cell.read_text()[:50])
+    run_suite(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False, report=False)
+    assert "will be recomputed" in capsys.readouterr().out and json.loads(cell.read_text())["rows"]
+
+
+def test_the_artefact_key_covers_layers_concept_sets_and_code(cache, monkeypatch):
+    suite = _suite(methods=("diffmean",))
+    ctx = ModelContext(suite, "tiny-gemma2")
+    spec = suite.methods[0]
+    bbc = get_suite("smoke")
+    from bench.concepts import get_concept_set
+
+    ctx.__dict__["concept_sets"] = {"bbc": get_concept_set("bbc", seed=0, per_concept=6)}
+    key = ctx.inputs_key(spec)
+    ctx.__dict__["concept_sets"] = {"bbc": get_concept_set("bbc", seed=1, per_concept=6)}
+    assert ctx.inputs_key(spec) != key  # other supervision: another artefact
+    ctx.__dict__["concept_sets"] = {"bbc": get_concept_set("bbc", seed=0, per_concept=6)}
+    assert ctx.inputs_key(spec) == key
+    wide = ModelContext(narrow_suite(bbc, layers=[1, 2], methods=["diffmean"]), "tiny-gemma2")
+    wide.__dict__["concept_sets"] = ctx.concept_sets
+    assert wide.inputs_key(spec) != key  # other layers
+    import inspect
+
+    real = inspect.getsourcefile
+    edited = cache / "diffmean_edited.py"
+    edited.parent.mkdir(parents=True, exist_ok=True)
+    edited.write_text(Path(real(sys.modules["methods.diffmean"])).read_text() + "\n# edited\n")
+    monkeypatch.setattr(inspect, "getsourcefile",
+                        lambda obj: str(edited) if getattr(obj, "__name__", "") == "methods.diffmean" else real(obj))
+    assert ctx.inputs_key(spec) != key  # other method code
+
+
+def test_a_store_with_more_layers_serves_each_layer_in_turn(tmp_path, cache):
+    """The README's extract-then-score workflow: a 2-layer store, then layer 1, then layer 2 (was KeyError: 2)."""
+    from bench.store import ExtractionRequest, extract
+
+    s = get_suite("smoke")
+    extract(ExtractionRequest(model="tiny-gemma2", layers=[1, 2], corpus=s.corpus, tokens=s.store_tokens,
+                              ctx_len=s.ctx_len, seed=s.seed), progress=False)
+    for layer in (1, 2):
+        run = run_suite(_suite(layers=(layer,), metrics=("build",)), tmp_path, progress=False, report=False)
+        assert {c["cell"]["layer"] for c in map(json.loads, map(Path.read_text, run.cells_dir.glob("*.json")))} == {layer}
+    assert len(list(cache.glob("stores/*/manifest.json"))) == 1  # both layers read the one store
+
+
+HOLD = """
+import sys, time
+from bench.runner import Run
+from bench.cli import narrow_suite
+from bench.suites import get_suite
+Run(narrow_suite(get_suite("smoke"), layers=[1], methods=["pca"], metrics=["build"]), sys.argv[1], run_id="r",
+    progress=False)
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_process_on_the_same_run_refuses_in_one_line(tmp_path, cache):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with pytest.raises(LockBusy, match=r"run .*r is in use by pid \d+") as e:
+            Run(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False)
+        assert "\n" not in str(e.value)
+    finally:
+        proc.kill()
+        proc.wait()
+    Run(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False)  # free again once the holder is gone
+
+
+def test_concurrent_table_writes_use_unique_temporary_names(tmp_path, cache):
+    run = run_suite(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False, report=False)
+    errors = []
+
+    def write():
+        try:
+            for _ in range(5):
+                run.write_tables()
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not list(run.dir.glob("*.tmp")) and not list(run.dir.glob(".*.tmp"))
+    assert verify_tables(run.dir) is False
