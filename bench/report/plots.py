@@ -1,0 +1,247 @@
+"""Plots of a run: each metric by method and layer, quality vs cost, K vs p, stability, correspondence."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.report.common import MAIN_METRIC, TOKENS, _safe, cell_of, families_in, ordered_methods, setting_of
+from bench.report.published import Published
+from bench.report.tables import on_concept_set
+
+# --------------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------------
+def _plt():
+    """pyplot on the Agg backend with the seaborn theme (imported lazily: slow, and only plots need it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    return plt, sns
+
+
+def _cells_by(d: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One pooled Cell per group of `keys` as columns value / lo / hi / k."""
+    recs = []
+    for k, rows in d.groupby(keys, sort=False):
+        c = cell_of(rows)
+        recs.append({**dict(zip(keys, k if isinstance(k, tuple) else (k,))), "value": c.value, "lo": c.lo,
+                     "hi": c.hi, "k": c.k})
+    return pd.DataFrame(recs)
+
+
+def plot_metric_bars(df: pd.DataFrame, metric: str, path: Path) -> None:
+    """Bars of one metric by method (x) and layer (hue), a panel per model, with CI error bars."""
+    plt, sns = _plt()
+    d = df[df["metric"] == metric]
+    models = sorted(d["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.0, 1.1 * d["method"].nunique() + 2.5) * len(models), 3.8),
+                             squeeze=False)
+    for ax, model in zip(axes[0], models):
+        dm = d[d["model"] == model]
+        methods = ordered_methods(dm)
+        layers = sorted(dm["layer"].unique())
+        cells = _cells_by(dm, ["method", "layer"]).set_index(["method", "layer"])
+        width = 0.8 / len(layers)
+        colors = sns.color_palette("deep", len(layers))
+        for j, layer in enumerate(layers):
+            xs, ys = [], []
+            for i, (m, _) in enumerate(methods):
+                if (m, layer) not in cells.index:
+                    continue
+                c = cells.loc[(m, layer)]
+                if not np.isfinite(c["value"]):  # NaN / inf: no bar (the table shows the value)
+                    continue
+                x = i - 0.4 + width * (j + 0.5)
+                xs.append(x)
+                ys.append(c["value"])
+                if np.isfinite(c["lo"]) and np.isfinite(c["hi"]):
+                    ax.errorbar(x, c["value"], yerr=[[max(c["value"] - c["lo"], 0)], [max(c["hi"] - c["value"], 0)]],
+                                color="black", lw=1, capsize=2)
+            ax.bar(xs, ys, width=width * 0.95, color=colors[j], label=f"L{layer}")
+        ax.set_xticks(range(len(methods)), [disp for _, disp in methods], rotation=30, ha="right")
+        vals = cells["value"].to_numpy(float)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 30:  # counts spanning decades
+            ax.set_yscale("log")
+        ax.set_title(model)
+        ax.set_ylabel(metric)
+        ax.legend(title="layer", fontsize=7)
+    fig.suptitle(f"{metric} (95% CI; * bars without CI pool several settings)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(df: pd.DataFrame, path: Path) -> str | None:
+    """Quality (detection AUROC, else retrieval p@10) vs build tokens (log x), frontier drawn; None if no data."""
+    quality = next((m for m in ("detection.auroc", "retrieval.precision@10") if (df["metric"] == m).any()), None)
+    if quality is None:
+        return None
+    q = _cells_by(df[df["metric"] == quality], ["model", "layer", "method", "display"])
+    tok = df[df["metric"].isin(TOKENS)]
+    tok = tok[tok["metric"] == next(m for m in TOKENS if (tok["metric"] == m).any())] if len(tok) else tok
+    if q.empty or tok.empty:
+        return None
+    t = tok.groupby(["model", "layer", "method"])["value"].mean().rename("tokens").reset_index()
+    pts = q.merge(t, on=["model", "layer", "method"])
+    pts = pts[pts["tokens"] > 0]
+    if pts.empty:
+        return None
+    plt, _sns = _plt()
+    models = sorted(pts["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        pm = pts[pts["model"] == model].sort_values("tokens")
+        for _, r in pm.iterrows():
+            ok = np.isfinite(r["lo"]) and np.isfinite(r["hi"])
+            ax.errorbar(r["tokens"], r["value"], yerr=[[r["value"] - r["lo"]], [r["hi"] - r["value"]]] if ok else None,
+                        fmt="o", ms=5, capsize=2)
+            ax.annotate(f"{r['display']} L{r['layer']}", (r["tokens"], r["value"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        best, fx, fy = -math.inf, [], []
+        for _, r in pm.iterrows():  # cheapest first: a point is on the frontier if it beats all cheaper ones
+            if r["value"] > best:
+                best = r["value"]
+                fx.append(r["tokens"])
+                fy.append(r["value"])
+        ax.step(fx, fy, where="post", color="grey", lw=1, ls="--", label="Pareto frontier")
+        ax.set_xscale("log")
+        ax.set_xlabel("build tokens (log; pretrained SAEs: loading only)")
+        ax.set_ylabel(quality)
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return quality
+
+
+def plot_k_vs_p(df: pd.DataFrame, published: list[Published], path: Path) -> bool:
+    """EP K vs p per (model, layer), with published K (hollow, dashed) where the same model and layer were run."""
+    d = df[(df["method_family"] == "ep") & (df["metric"] == "build.K") & df["p"].notna()]
+    if d.empty:
+        return False
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for i, ((model, mkey, layer), g) in enumerate(d.groupby(["model", "model_key", "layer"])):
+        g = g.groupby("p")["value"].mean().sort_index()
+        color = sns.color_palette("deep")[i % 10]
+        ax.plot(g.index, g.values, "o-", color=color, label=f"ours {model} L{layer}")
+        pub = sorted((e.p, e.value) for e in published if e.table == "ep_size" and e.metric == "build.K"
+                     and e.model == mkey and e.layer == layer and e.p is not None and e.value is not None)
+        if pub:
+            ax.plot([x for x, _ in pub], [y for _, y in pub], "o--", mfc="none", color=color,
+                    label=f"published {model} L{layer}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ps = sorted(set(d["p"]) | {e.p for e in published if e.table == "ep_size" and e.p is not None
+                               and (e.model, e.layer) in set(zip(d["model_key"], d["layer"]))})
+    ax.set_xticks(ps, [f"{x:g}" for x in ps])
+    ax.minorticks_off()
+    ax.set_xlabel("percentile p")
+    ax.set_ylabel("K (regions)")
+    ax.set_title("EP dictionary size vs p")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _pair_order(pair: str) -> tuple:
+    nums = [int(x) for x in re.findall(r"\d+", pair)]
+    return (len(nums) == 0, nums, pair)
+
+
+def plot_stability(df: pd.DataFrame, path: Path) -> bool:
+    """Each stability metric vs the pair it compares (layer pairs, seed pairs), a line per method."""
+    d = df[df["family"] == "stability"]
+    if d.empty:
+        return False
+    d = d.assign(pair=d["detail"].map(setting_of).replace("", "(unnamed)"))
+    metrics = sorted(d["metric"].unique())
+    plt, _sns = _plt()
+    ncol = min(3, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        dm = d[d["metric"] == metric]
+        pairs = sorted(dm["pair"].unique(), key=_pair_order)
+        for model in sorted(dm["model"].unique()):
+            for method, disp in ordered_methods(dm[dm["model"] == model]):
+                c = _cells_by(dm[(dm["model"] == model) & (dm["method"] == method)], ["pair"]).set_index("pair")
+                xs = [i for i, p in enumerate(pairs) if p in c.index]
+                ys = [c.loc[pairs[i], "value"] for i in xs]
+                lab = disp if dm["model"].nunique() == 1 else f"{model} {disp}"
+                ax.plot(xs, ys, "o-", label=lab)
+        ax.set_xticks(range(len(pairs)), pairs, rotation=30, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_correspondence(df: pd.DataFrame, run_dir: Path, path: Path) -> str | None:
+    """Histogram of per-region best F1 from extras/correspondence_*.npy, else bars of the F1 > 0.5 share."""
+    files = sorted((run_dir / "extras").glob("correspondence_*.npy"))
+    plt, _sns = _plt()
+    if files:
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        for f in files:
+            v = np.load(f, allow_pickle=False).astype(float).ravel()
+            v = v[np.isfinite(v)]
+            share = float((v > 0.5).mean()) if len(v) else float("nan")
+            ax.hist(v, bins=np.linspace(0, 1, 21), histtype="step", lw=1.5,
+                    label=f"{f.stem.removeprefix('correspondence_')} (n={len(v)}, F1>0.5: {share:.1%})")
+        ax.axvline(0.5, color="grey", ls="--", lw=1)
+        ax.set_xlabel("best-match F1 per region")
+        ax.set_ylabel("regions")
+        ax.set_title("EP-SAE correspondence")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return "histogram"
+    if (df["metric"] == "correspondence.share_f1>0.5").any():
+        plot_metric_bars(df, "correspondence.share_f1>0.5", path)
+        return "share"
+    return None
+
+
+def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], concept_set: str | None = None
+               ) -> dict[str, str]:
+    """Write every plot under run_dir/plots; returns {name: path relative to run_dir}.
+
+    Concept-family plots show `concept_set` only (one measured value with its CI per bar)."""
+    df = on_concept_set(df, concept_set)
+    pdir = run_dir / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for fam in families_in(df):
+        metrics = sorted(df.loc[df["family"] == fam, "metric"].unique())
+        main = MAIN_METRIC.get(fam) if MAIN_METRIC.get(fam) in metrics else metrics[0]
+        name = f"family_{_safe(fam)}.png"
+        plot_metric_bars(df, main, pdir / name)
+        out[f"family:{fam}"] = f"plots/{name}"
+    if plot_pareto(df, pdir / "pareto.png"):
+        out["pareto"] = "plots/pareto.png"
+    if plot_k_vs_p(df, published, pdir / "ep_k_vs_p.png"):
+        out["k_vs_p"] = "plots/ep_k_vs_p.png"
+    if plot_stability(df, pdir / "stability.png"):
+        out["stability"] = "plots/stability.png"
+    if plot_correspondence(df, run_dir, pdir / "correspondence.png"):
+        out["correspondence"] = "plots/correspondence.png"
+    return out
