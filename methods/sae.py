@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -56,6 +57,7 @@ class SAEConfig(MethodConfig):
     release: str | None = None  # sae-lens release name (pretrained_saes.yaml); None: train an SAE on the store
     sae_id: str = "layer_{layer}/width_16k/canonical"  # SAE id in the release; `{layer}` is filled from the fit layer
     allow_model_mismatch: bool = False  # accept an SAE of another model (Gemma Scope 2b-pt on 2b-it, as AxBench does)
+    path: str | None = None  # a sae-lens SAE directory on disk (cfg.json + sae_weights.safetensors); `{layer}` filled
     # --- trained ---
     architecture: str = "topk"  # topk | batchtopk (saved as JumpReLU) | jumprelu (quadratic L0 penalty around k)
     width: int = 4096  # number of latents K
@@ -321,6 +323,39 @@ def load_pretrained(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAE
     return SAEArtefact(cfg, tensors, info)
 
 
+def load_from_path(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEArtefact:
+    """Load a sae-lens SAE directory (`cfg.path`, e.g. one you trained or an `epbench export`) through sae-lens."""
+    from sae_lens import SAE
+
+    store.check_layer(layer)
+    path = Path(cfg.path.format(layer=layer)).expanduser()
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(f"{path}/cfg.json is missing: --path must name a sae-lens SAE directory "
+                                "(cfg.json + sae_weights.safetensors, as `SAE.save_model` writes)")
+    device = _device(cfg.device)
+    t0 = time.perf_counter()
+    with PeakMemory(device) as mem:
+        sae = SAE.load_from_disk(path, device=device, dtype="float32")
+    wall = time.perf_counter() - t0
+    meta, what = sae.cfg.metadata, f"SAE at {path}"
+    _check_match(store, layer, meta.model_name, meta.hook_name, sae.cfg.d_in, what, cfg.allow_model_mismatch)
+    arch = sae.cfg.architecture()
+    if arch not in ENCODE_ARCHITECTURES:
+        raise ValueError(f"{what} has architecture {arch!r}; this adapter encodes {ENCODE_ARCHITECTURES}")
+    if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
+        raise ValueError(f"{what} needs run-time normalisation {sae.cfg.normalize_activations!r} / reshape "
+                         f"{sae.cfg.reshape_activations!r}, which this adapter does not reproduce")
+    info = _common_info(store, layer)
+    info.update(
+        source="disk", path=str(path.resolve()), sae_model_name=meta.model_name, sae_hook_name=meta.hook_name,
+        model_mismatch=meta.model_name is not None and meta.model_name not in _model_names(store.model),
+        **_arch_info(sae, arch), label=f"sae:{path.name}", published_training_tokens=None,
+        cost={"rows": 0, "tokens": 0, "flops": 0.0, "wall_seconds": wall, "peak_memory_bytes": mem.peak,
+              "device": device},
+    )
+    return SAEArtefact(cfg, _tensors_of(sae, arch), info)
+
+
 def _tensors_of(sae: Any, arch: str) -> dict[str, torch.Tensor]:
     names = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if arch == "jumprelu" else [])
     return {n: getattr(sae, n).detach().float().cpu().clone().contiguous() for n in names}
@@ -495,6 +530,8 @@ class SAEMethod(Method):
     def fit(self, store: "ActivationStore", layer: int,
             concepts: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> SAEArtefact:
         """Load (pretrained) or train the SAE for `layer` of `store`; concepts are ignored (unsupervised)."""
+        if self.config.path:
+            return load_from_path(self.config, store, layer)
         if self.config.release:
             return load_pretrained(self.config, store, layer)
         return train_on_store(self.config, store, layer)
