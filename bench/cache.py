@@ -60,6 +60,50 @@ def file_sha256(path: str | Path) -> str:
     return sha
 
 
+def mismatched_files(expected: dict[Path, str]) -> list[Path]:
+    """The files among `expected` (path -> sha256) that are missing or whose bytes do not hash to it.
+
+    Uses the same stat-keyed memo as file_sha256, read and written once for the whole batch (a store has
+    thousands of shard files); only files changed since they were last hashed are read.
+    """
+    memo_path = cache_dir() / _MEMO_NAME
+    memo = _read_memo(memo_path)
+    bad, added = [], False
+    for path, want in expected.items():
+        path = Path(path).resolve()
+        try:
+            key = _stat_key(path)
+        except OSError:
+            bad.append(path)
+            continue
+        hit = memo.get(str(path))
+        if isinstance(hit, dict) and all(hit.get(k) == v for k, v in key.items()) and "sha256" in hit:
+            sha = hit["sha256"]
+        else:
+            sha = sha256_bytes_of_file(path)
+            if _stat_key(path) == key:
+                memo[str(path)], added = {**key, "sha256": sha}, True
+        if sha != want:
+            bad.append(path)
+    if added:
+        with contextlib.suppress(OSError):
+            latest = _read_memo(memo_path)
+            latest.update({k: v for k, v in memo.items()})
+            atomic_write_text(memo_path, json.dumps(latest, indent=0, sort_keys=True))
+    return bad
+
+
+def remember_sha256(hashes: dict[Path, str]) -> None:
+    """Record hashes just computed while writing these files (one memo write), so verifying them later is a stat."""
+    memo_path = cache_dir() / _MEMO_NAME
+    with contextlib.suppress(OSError):
+        memo = _read_memo(memo_path)
+        for path, sha in hashes.items():
+            path = Path(path).resolve()
+            memo[str(path)] = {**_stat_key(path), "sha256": sha}
+        atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+
+
 def _read_memo(memo_path: Path) -> dict[str, Any]:
     try:
         memo = json.loads(memo_path.read_text())

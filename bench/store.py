@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-from bench.cache import cache_dir
+from bench.cache import cache_dir, file_lock, mismatched_files, remember_sha256, unique_tmp
 
 STORE_FORMAT_VERSION = 1
 BOS_POLICY = "BOS prepended to every context; the BOS position is excluded from rows"
@@ -85,30 +85,24 @@ def stores_root(root: str | Path | None = None) -> Path:
     return Path(root) if root else cache_dir() / "stores"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    from bench.cache import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return _sha256_file(path)
+    """Save through a unique temporary name (removed on any failure, e.g. a full disk); returns the file's sha256."""
+    tmp = unique_tmp(path)
+    try:
+        save_file(tensors, str(tmp))
+        data = tmp.read_bytes()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return hashlib.sha256(data).hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -130,26 +124,48 @@ class Context(NamedTuple):
     tokens: list[int]  # BOS + up to ctx_len - 1 text tokens
 
 
-def iter_contexts(documents: Any, backend: Any, ctx_len: int, max_contexts_per_doc: int | None) -> Iterator[Context]:
-    """Chunk each document into BOS + (ctx_len - 1)-token contexts, in corpus order."""
+def encode_upto(backend: Any, text: str, limit: int) -> list[int]:
+    """The first `limit` tokens of `text`, exactly as encoding the whole text would give them, without encoding
+    all of a huge document: prefixes of doubling length are encoded until two agree on the first `limit` tokens."""
+    n = max(4096, 8 * limit)
+    if len(text) <= 2 * n:
+        return backend.encode_text(text)[:limit]
+    prev = backend.encode_text(text[:n])
+    while 2 * n < len(text):
+        n *= 2
+        nxt = backend.encode_text(text[:n])
+        if len(prev) > limit and prev[:limit] == nxt[:limit]:
+            return nxt[:limit]
+        prev = nxt
+    return backend.encode_text(text)[:limit]
+
+
+def iter_contexts(documents: Any, backend: Any, ctx_len: int, max_contexts_per_doc: int | None,
+                  token_budget: int | None = None) -> Iterator[Context]:
+    """Chunk each document into BOS + (ctx_len - 1)-token contexts, in corpus order, until `token_budget` tokens
+    (BOS included) are covered; a document is tokenized only as far as the contexts it can still contribute."""
     step = ctx_len - 1
+    total = 0
     for doc in documents:
-        ids = backend.encode_text(doc.text)
-        chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+        if token_budget is not None and total >= token_budget:
+            return
+        limit = None
+        if token_budget is not None:  # whole contexts of step text tokens + BOS until the budget is passed
+            limit = -(-(token_budget - total) // (step + 1)) * step
         if max_contexts_per_doc is not None:
-            chunks = chunks[:max_contexts_per_doc]
-        for chunk in chunks:
-            yield Context(doc.doc_id, [backend.bos_id] + chunk)
+            limit = min(limit or step * max_contexts_per_doc, step * max_contexts_per_doc)
+        ids = backend.encode_text(doc.text) if limit is None else encode_upto(backend, doc.text, limit)
+        for i in range(0, len(ids), step):
+            if token_budget is not None and total >= token_budget:
+                return
+            ctx = Context(doc.doc_id, [backend.bos_id] + ids[i : i + step])
+            total += len(ctx.tokens)
+            yield ctx
 
 
 def plan_contexts(documents: Any, backend: Any, req: ExtractionRequest) -> list[Context]:
     """All contexts the request covers: whole contexts until the token budget (BOS included) is reached."""
-    out, total = [], 0
-    for ctx in iter_contexts(documents, backend, req.ctx_len, req.max_contexts_per_doc):
-        if total >= req.tokens:
-            break
-        out.append(ctx)
-        total += len(ctx.tokens)
+    out = list(iter_contexts(documents, backend, req.ctx_len, req.max_contexts_per_doc, req.tokens))
     if not out:
         raise ValueError(f"corpus {req.corpus!r} produced no tokens; check that it has non-empty documents")
     return out
@@ -169,8 +185,11 @@ class ActivationStore:
             raise StoreError(f"{mpath} not found: not an activation store (run `epbench extract`)")
         try:
             self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{mpath} is corrupted ({e}); delete {self.path} and extract again") from e
+        except (UnicodeDecodeError, ValueError) as e:
+            raise StoreError(f"{mpath} is corrupted ({e}); rerun the same `epbench extract` to repair it") from e
+        if not _manifest_shape_ok(self.manifest):
+            raise StoreError(f"{mpath} does not have the shape of a store manifest; rerun the same "
+                             "`epbench extract` to repair it (or delete the store folder)")
         if self.manifest.get("status") != "complete":
             raise StoreError(f"store {self.path} is incomplete (interrupted?); rerun the same `epbench extract` to resume")
         self._shards: list[dict[str, Any]] = self.manifest["shards"]
@@ -179,10 +198,15 @@ class ActivationStore:
             for rel, meta in sh["files"].items():
                 p = self.path / rel
                 if not p.exists():
-                    raise StoreError(f"shard file {p} is missing; delete {self.path} and extract again")
+                    raise StoreError(f"shard file {p} is missing; rerun the same `epbench extract` to rebuild it")
                 if p.stat().st_size != meta["bytes"]:
                     raise StoreError(f"shard file {p} is truncated ({p.stat().st_size} of {meta['bytes']} bytes); "
-                                     f"delete it and rerun the same `epbench extract` to rebuild it")
+                                     f"rerun the same `epbench extract` to rebuild it")
+
+    def damaged_files(self) -> list[Path]:
+        """Shard files whose bytes no longer match the sha256 recorded at write time (stat-keyed memo: only files
+        changed since they were last verified are read)."""
+        return mismatched_files({self.path / rel: m["sha256"] for sh in self._shards for rel, m in sh["files"].items()})
 
     # identity ---------------------------------------------------------------------------------------------
     @property
@@ -324,6 +348,30 @@ class ActivationStore:
         raise IndexError(f"context {context_id} not in store ({self.n_contexts} contexts)")
 
 
+def _manifest_shape_ok(m: Any) -> bool:
+    """A manifest is a dict with a request and model dict and, once complete, a list of shard records."""
+    if not (isinstance(m, dict) and isinstance(m.get("model"), dict) and isinstance(m.get("request"), dict)):
+        return False
+    if m.get("status") != "complete":
+        return True
+    shards = m.get("shards")
+    return (isinstance(shards, list) and isinstance(m.get("layers"), list)
+            and all(isinstance(sh, dict) and isinstance(sh.get("files"), dict) and isinstance(sh.get("contexts"), list)
+                    for sh in shards))
+
+
+def open_verified(path: Path) -> tuple[ActivationStore | None, str]:
+    """(store, "") when the store at `path` is complete and every shard matches its sha256; else (None, why)."""
+    try:
+        store = ActivationStore(path)
+    except StoreError as e:
+        return None, str(e)
+    bad = store.damaged_files()
+    if bad:
+        return None, f"{len(bad)} shard file(s) damaged (sha256 mismatch), first {bad[0]}"
+    return store, ""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -343,9 +391,9 @@ def _shard_complete(path: Path, index: int) -> dict[str, Any] | None:
         return None
     try:
         rec = json.loads(jp.read_text())
-    except json.JSONDecodeError:
-        return None
-    ok = all((path / rel).exists() and (path / rel).stat().st_size == m["bytes"] for rel, m in rec["files"].items())
+        ok = all((path / rel).exists() and (path / rel).stat().st_size == m["bytes"] for rel, m in rec["files"].items())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # a torn or malformed record: the shard is recomputed
     return rec if ok else None
 
 
@@ -390,6 +438,8 @@ def _finish(path: Path, manifest: dict[str, Any], records: list[dict[str, Any]],
         bytes=sum(m["bytes"] for r in records for m in r["files"].values()),
     )
     _atomic_write_json(path / "manifest.json", manifest)
+    # the hashes were computed as the files were written: record them so the next verification is a stat
+    remember_sha256({path / rel: m["sha256"] for r in records for rel, m in r["files"].items()})
     return ActivationStore(path)
 
 
@@ -460,22 +510,53 @@ def extract(
     weights_id = weights_identity(req.model)  # verified weights, without loading the model
     sid = request_id(req, fingerprint, weights_id)
     path = stores_root(root) / sid
-    if force and path.exists():
-        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per store: a second extract of the same request waits, then finds the store complete
+    with file_lock(path.parent / f"{sid}.lock", f"store {sid}", wait=True):
+        if force and path.exists():
+            shutil.rmtree(path)
+        reused = _reuse_or_prepare_repair(path, req, fingerprint, weights_id, root, force)
+        if reused is not None:
+            return reused
+        return _extract_locked(req, path, sid, weights_id, fingerprint, corpus, progress, device)
+
+
+def _reuse_or_prepare_repair(path: Path, req: ExtractionRequest, fingerprint: dict[str, Any], weights_id: str,
+                             root: str | Path | None, force: bool) -> ActivationStore | None:
+    """The verified store when it is complete and healthy (or a healthy wider one); else None, after removing
+    the records of damaged shards so the extraction below rewrites exactly those."""
     mpath = path / "manifest.json"
     if mpath.exists():
+        store, problem = open_verified(path)
+        if store is not None:
+            return store
         try:
-            if json.loads(mpath.read_text()).get("status") == "complete":
-                return ActivationStore(path)
-        except json.JSONDecodeError:
-            pass  # a manifest torn mid-write is rewritten below; shards carry their own records
+            manifest = json.loads(mpath.read_text())
+            shards = manifest.get("shards") if isinstance(manifest, dict) else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            shards = None  # a torn manifest is rewritten below; shards carry their own records
+        if isinstance(shards, list) and manifest.get("status") == "complete":
+            print(f"[epbench] store {path} needs repair: {problem}; re-extracting the damaged shards", flush=True)
+            bad = {Path(p).resolve() for p in mismatched_files(
+                {path / rel: m.get("sha256") for sh in shards if isinstance(sh, dict)
+                 for rel, m in sh.get("files", {}).items()})}
+            for sh in shards:
+                files = sh.get("files", {}) if isinstance(sh, dict) else {}
+                if any((path / rel).resolve() in bad for rel in files):
+                    (path / "shards" / f"shard_{sh['index']:05d}.json").unlink(missing_ok=True)
     elif not force:
         wider = _superset_store(req, fingerprint, weights_id, stores_root(root))
         if wider is not None:
             return wider
+    return None
 
+
+def _extract_locked(req: ExtractionRequest, path: Path, sid: str, weights_id: str, fingerprint: dict[str, Any],
+                    corpus: Any, progress: bool, device: str | None) -> ActivationStore:
+    """Extract (resuming at the first missing shard) while holding the store's lock."""
     from bench.models import load_model
 
+    mpath = path / "manifest.json"
     t_start = time.perf_counter()
     backend = load_model(req.model, device)
     if backend.weights_id != weights_id:
@@ -516,7 +597,7 @@ def extract(
                 raise StoreError(f"{path} was started with different weights of {req.model}; "
                                  "rerun with --force to rebuild it")
             manifest["created"] = old.get("created", manifest["created"])
-        except (json.JSONDecodeError, KeyError):
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
             pass
     _atomic_write_json(mpath, manifest)
 
@@ -569,34 +650,52 @@ def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], weights
             m = json.loads(mp.read_text())
         except json.JSONDecodeError:
             continue
+        if not _manifest_shape_ok(m):
+            continue
         have = m.get("request", {})
         if (m.get("status") == "complete" and m.get("corpus") == fingerprint
                 and m.get("model", {}).get("weights_id") == weights_id
                 and set(req.layers) <= set(have.get("layers", []))
                 and all(have.get(k) == v for k, v in want.items() if k != "layers")):
-            return ActivationStore(mp.parent)
+            store, problem = open_verified(mp.parent)
+            if store is not None:
+                return store
+            print(f"[epbench] skipping damaged store {mp.parent}: {problem}", flush=True)
     return None
 
 
 def find_stores(model: str | None = None, layer: int | None = None, root: str | Path | None = None,
-                corpus: str | None = None) -> list[ActivationStore]:
-    """Complete stores under root matching model / layer / corpus name, largest first."""
+                corpus: str | None = None, weights_id: str | None = None,
+                request: dict[str, Any] | None = None) -> list[ActivationStore]:
+    """Complete, verified stores under root matching model / layer / corpus name / weights identity / request
+    fields (e.g. {"tokens": 4000, "ctx_len": 64}), largest first. A damaged store is skipped with a warning naming
+    it, so it never blocks a healthy one."""
     out = []
     base = stores_root(root)
     if not base.exists():
         return out
-    for mp in base.glob("*/manifest.json"):
+    for mp in sorted(base.glob("*/manifest.json")):
         try:
             m = json.loads(mp.read_text())
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, ValueError):
+            print(f"[epbench] skipping store {mp.parent}: unreadable manifest", flush=True)
             continue
-        if m.get("status") != "complete":
+        if not _manifest_shape_ok(m) or m.get("status") != "complete":
             continue
-        if model and m["model"]["name"] != model:
+        if model and m["model"].get("name") != model:
             continue
         if layer is not None and layer not in m["layers"]:
             continue
-        if corpus and m["request"]["corpus"] != corpus:
+        if corpus and m["request"].get("corpus") != corpus:
             continue
-        out.append(ActivationStore(mp.parent))
+        if weights_id and m["model"].get("weights_id") != weights_id:
+            continue
+        if request and any(m["request"].get(k) != v for k, v in request.items()):
+            continue
+        store, problem = open_verified(mp.parent)
+        if store is None:
+            print(f"[epbench] skipping damaged store {mp.parent}: {problem} (rerun its `epbench extract` to repair "
+                  "it)", flush=True)
+            continue
+        out.append(store)
     return sorted(out, key=lambda s: -s.n_tokens)
