@@ -234,6 +234,8 @@ class ModelContext:
             out.append({"name": a.name, "family": a.method, "K": a.K, "tokens": c.tokens, "rows": c.rows,
                         "flops": c.flops, "seed": getattr(a.config, "seed", None), "p": info.get("p"),
                         "matched_to": info.get("matched_to"), "quality": fit_quality(a)})
+            if cell.family == "build" and a.method == "sae":  # the training curve, once per artefact
+                out[-1]["training_curve"] = (info.get("training") or {}).get("curve")
         return out
 
     def _artefact_dir(self, spec: MethodSpec) -> Path:
@@ -417,8 +419,7 @@ def budget_params(spec: MethodSpec, cls: type, target: Artefact) -> dict[str, An
     return {name: int(target.K)}
 
 
-# An SAE whose held-out explained variance is below this is marked "undertrained" wherever it appears.
-EV_FLOOR = 0.7
+from bench.verdict import EV_FLOOR  # noqa: E402  (an SAE below it is marked "undertrained" wherever it appears)
 
 
 def fit_quality(a: Artefact) -> dict[str, Any] | None:
@@ -451,8 +452,18 @@ def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
                   "build.wall_seconds": c.wall_seconds, "build.peak_memory_mb": c.peak_memory_bytes / 2**20}
         if "theta" in a.info:
             values.update({"build.theta": a.info["theta"], "build.percentile": a.info["p"],
-                           "build.center_norm": a.info["calibration"]["center_norm"]})
-        rows += [row(a, k, v, layer=cell.layer) for k, v in values.items()]
+                           "build.center_norm": a.info["calibration"]["center_norm"],
+                           "build.saturated": float(str(a.info.get("stop_reason", "")).startswith("saturat"))})
+        q = fit_quality(a) or {}
+        if a.method == "sae" and q:
+            values.update({"build.heldout_explained_variance": q["explained_variance"],
+                           "build.converged": float(bool(q["converged"])), "build.epochs": q["epochs"]})
+        if a.method == "kmeans" and q.get("iterations") is not None:
+            values.update({"build.iterations": q["iterations"], "build.converged": float(bool(q["converged"])),
+                           "build.objective": q["objective"]})
+        detail = json.dumps({k: v for k, v in q.items() if isinstance(v, str)}) if q else ""
+        rows += [row(a, k, float("nan") if v is None else v, layer=cell.layer, detail=detail)
+                 for k, v in values.items()]
     return rows
 
 

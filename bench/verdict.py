@@ -45,6 +45,7 @@ CONTROL_OF: dict[str, str] = {
     "causal.steer.delta_logit_diff": "causal.steer.control_delta",
 }
 CONTROL = "same-norm random direction"
+EV_FLOOR = 0.7  # a trained SAE with held-out explained variance below this is marked "undertrained" everywhere
 VERDICTS = ("better", "worse", "no detectable difference")
 
 
@@ -77,6 +78,7 @@ class Comparison:
     b: str  # a method label, or CONTROL
     kind: str  # e.g. "EP vs SAE", "vs random at matched K"
     metric: str
+    metric_b: str = ""  # B's metric when it differs from A's (e.g. EP's detection.auroc vs SAE-A's best latent)
     budget_a: str = ""
     budget_b: str = ""
     note: str = ""  # e.g. "K differs: 545 vs 512"
@@ -194,7 +196,7 @@ def compare(units: pd.DataFrame, comp: Comparison, cfg: VerdictConfig, layers: l
     if comp.b == CONTROL:
         b = _seed_mean(u[(u["method"] == comp.a) & (u["metric"] == CONTROL_OF[comp.metric])])
     else:
-        b = _seed_mean(u[(u["method"] == comp.b) & (u["metric"] == comp.metric)])
+        b = _seed_mean(u[(u["method"] == comp.b) & (u["metric"] == (comp.metric_b or comp.metric))])
     keys = ["model", "layer", "setting", "unit"]
     j = a.merge(b, on=keys, suffixes=("_a", "_b"))
     if j.empty:
@@ -266,10 +268,12 @@ def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str]) -> list[Compari
     out = []
     for metric in metrics:
         for a, b, kind in pairs:
-            out.append(Comparison(a, b, kind, metric, _budget(arts, a), _budget(arts, b), _size_note(arts, a, b)))
+            out.append(Comparison(a, b, kind, metric, budget_a=_budget(arts, a), budget_b=_budget(arts, b),
+                                  note=_size_note(arts, a, b)))
         if metric in CONTROL_OF:
-            out += [Comparison(m, CONTROL, "vs same-norm control", metric, _budget(arts, m), "same artefact, "
-                               "random unit direction of equal norm") for m in labels if fam[m] != "diffmean"]
+            out += [Comparison(m, CONTROL, "vs same-norm control", metric, budget_a=_budget(arts, m),
+                               budget_b="same artefact, random unit direction of equal norm")
+                    for m in labels if fam[m] != "diffmean"]
     return out
 
 

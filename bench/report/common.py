@@ -99,6 +99,32 @@ def load_rows(run_dir: Path) -> pd.DataFrame:
         df.loc[idx, "p"] = _ep_percentile(df.loc[idx])
     sup = df.groupby("method")["supervised"].any()
     df["display"] = [f"{m}{DAGGER}" if sup[m] else str(m) for m in df["method"]]
+    return annotate_rows(df)
+
+
+def _per_artefact(df: pd.DataFrame, metric: str) -> pd.Series:
+    """One value per (model, layer, method) of a metric (the first row; NaN where absent), aligned with df."""
+    v = df[df["metric"] == metric].groupby(["model", "layer", "method"])["value"].first()
+    return pd.Series(pd.MultiIndex.from_frame(df[["model", "layer", "method"]]).map(v.to_dict().get),
+                     index=df.index, dtype=float)
+
+
+def annotate_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Add `budget` (K, build tokens, FLOPs) to every row, and to every trained SAE's name its held-out EV and loss
+    recovered at that layer, with `⚠` (and `undertrained` in the budget) when EV is below the floor."""
+    from bench.verdict import EV_FLOOR
+
+    K, tok, flops = (_per_artefact(df, m) for m in ("build.K", "build.tokens", "build.flops"))
+    df["budget"] = [", ".join(x for x in (f"K {fmt_num(k)}" if k == k else "", f"{fmt_num(t)} tok" if t == t else "",
+                                          f"{f:.2g} FLOP" if f == f and f > 0 else "") if x)
+                    for k, t, f in zip(K, tok, flops)]
+    ev, lr = _per_artefact(df, "build.heldout_explained_variance"), _per_artefact(df, "recon.loss_recovered")
+    sae = (df["method_family"] == "sae") & ev.notna()
+    under = sae & (ev < EV_FLOOR)
+    df.loc[sae, "display"] = [f"{d} (EV {e:.2f}{f', LR {r:.2f}' if r == r else ''}){' ⚠' if u else ''}"
+                              for d, e, r, u in zip(df.loc[sae, "display"], ev[sae], lr[sae], under[sae])]
+    df.loc[under, "budget"] = df.loc[under, "budget"] + "; undertrained"
+    df["undertrained"] = under
     return df
 
 

@@ -221,6 +221,37 @@ def plot_correspondence(df: pd.DataFrame, run_dir: Path, path: Path) -> str | No
     return None
 
 
+def plot_sae_curves(run_dir: Path, path: Path) -> bool:
+    """Each trained SAE's training curve (from the run's build cells): held-out EV, L0, dead and dense fractions."""
+    from bench.verdict import EV_FLOOR, load_cells
+
+    curves = {}
+    for c in load_cells(run_dir):
+        for a in c.get("artefacts", []):
+            if a.get("training_curve") and a["training_curve"].get("rows"):
+                curves[f"{a['name']} L{c['cell']['layer']}"] = a["training_curve"]
+    if not curves:
+        return False
+    plt, _sns = _plt()
+    panels = [("heldout_explained_variance", "held-out explained variance"), ("l0", "L0 (held-out)"),
+              ("dead_fraction", "dead latent fraction"), ("dense_fraction", "dense latent fraction")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        for name, cv in sorted(curves.items()):
+            if key in cv:
+                ax.plot(cv["rows"], cv[key], label=name, lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training rows", fontsize=8)
+        ax.set_xscale("log")
+        if key == "heldout_explained_variance":
+            ax.axhline(EV_FLOOR, color="red", ls="--", lw=0.8)
+    axes[-1].legend(fontsize=5, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], concept_set: str | None = None
                ) -> dict[str, str]:
     """Write every plot under run_dir/plots; returns {name: path relative to run_dir}.
@@ -244,4 +275,6 @@ def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], conc
         out["stability"] = "plots/stability.png"
     if plot_correspondence(df, run_dir, pdir / "correspondence.png"):
         out["correspondence"] = "plots/correspondence.png"
+    if plot_sae_curves(run_dir, pdir / "sae_training.png"):
+        out["sae_curves"] = "plots/sae_training.png"
     return out

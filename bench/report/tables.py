@@ -18,6 +18,11 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> list[str
     suite = info.get("suite") or (df["suite"].iloc[0] if "suite" in df else "unknown")
     commit = info.get("git_commit") or (df["git_commit"].iloc[0] if "git_commit" in df else "")
     out = [f"# epbench report: suite `{suite}`, run `{info.get('run_id', run_dir.name)}`", ""]
+    evidence = (info.get("config") or {}).get("evidence")
+    if evidence:
+        out += [f"> **Level of evidence**: {evidence}", ""]
+    if str(commit).endswith("-dirty"):
+        out += ["> **Not a reference result**: computed from a working tree with uncommitted changes (`-dirty`).", ""]
     if not info:
         out += [("> run.json is missing (the run was interrupted before writing it); provenance below comes from "
                 "the rows."), ""]
@@ -113,11 +118,12 @@ def headline_md(df: pd.DataFrame, concept_set: str | None = None) -> list[str]:
                     cells = [cell_of(first_metric(rows, names)) for _, names in present]
                     if all(c is None for c in cells):
                         continue
-                    body.append([disp, str(layer), *[c.fmt(2) if c else MISSING for c in cells]])
+                    budget = rows["budget"].iloc[0] if len(rows) else ""
+                    body.append([disp, str(layer), *[c.fmt(2) if c else MISSING for c in cells], budget])
             if body:
                 out += [f"**{title}**", "",
-                        md_table(["method", "L", *[lbl for lbl, _ in present]], body, right=range(1, len(present) + 2)),
-                        ""]
+                        md_table(["method", "L", *[lbl for lbl, _ in present], "budget"], body,
+                                 right=range(1, len(present) + 2)), ""]
     return out
 
 
@@ -134,8 +140,8 @@ def family_md(df: pd.DataFrame, family: str, plot: str | None) -> list[str]:
         name = r["metric"] if r["metric"] != last else ""
         last = r["metric"]
         body.append([name, *([r["model"]] if multi_model else []), r["display"], str(r["layer"]), c.fmt(), str(r["n"]),
-                     detail])
-    head = ["metric", *(["model"] if multi_model else []), "method", "L", "value [95% CI]", "n", "detail"]
+                     r["budget"], detail])
+    head = ["metric", *(["model"] if multi_model else []), "method", "L", "value [95% CI]", "n", "budget", "detail"]
     nr = 1 + multi_model
     out = [f"### {family}", "", md_table(head, body, right=(nr + 1, nr + 2, nr + 3)), ""]
     if plot:

@@ -109,6 +109,7 @@ class Suite:
     causal_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # steering strengths (x mean norm)
     causal_unrelated_texts: int = 4  # unrelated texts the causal side effect (KL) is measured on
     seed: int = 0
+    evidence: str = ""  # what level of evidence the suite gives (printed at the top of its report)
     device: str | None = None
     needs_hub: bool = False  # weights come from the Hugging Face hub: fail fast offline
 
