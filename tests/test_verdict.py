@@ -1,0 +1,122 @@
+"""Paired verdicts (bench.verdict) and the claims scorecard (bench.claims) against hand-computed and planted data."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.claims import NOT_TESTABLE, REPRODUCED, claim_refusal, claim_saturation, rows_table
+from bench.verdict import (
+    CONTROL,
+    Comparison,
+    VerdictConfig,
+    artefact_table,
+    compare,
+    holm,
+    paired_test,
+    plan_comparisons,
+    unit_table,
+    verdict_table,
+)
+
+
+def test_holm_matches_hand_computation():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(1*0.04, running 0.06)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    out = holm([0.2, float("nan"), 0.6])  # NaN is not a test: m = 2
+    assert out[0] == pytest.approx(0.4) and math.isnan(out[1]) and out[2] == pytest.approx(0.6)
+
+
+def test_sign_flip_p_is_exact_for_small_n():
+    cfg = VerdictConfig()
+    r = paired_test(np.ones(5), 1.0, 0.0, cfg)  # only the all-plus and all-minus patterns reach |mean| = 1
+    assert r.p == pytest.approx(2 / 32) and r.diff == 1.0 and r.ci_low == r.ci_high == 1.0
+    assert paired_test(np.array([1.0, -1.0, 1.0, -1.0]), 0, 0, cfg).p == pytest.approx(1.0)
+
+
+def _cell(model, layer, method, family, metric, units, seed=0, artefact=None):
+    values = list(units.values())
+    row = {"method": method, "method_config": "{}", "model": model, "layer": layer, "metric": metric,
+           "value": float(np.mean(values)), "ci_low": 0.0, "ci_high": 0.0, "n": len(values), "seed": seed,
+           "supervised": False, "detail": "wordnet; readout=x", "units": units}
+    art = artefact or {"name": method, "family": family, "K": 100, "tokens": 1000, "rows": 990, "flops": 1.0,
+                       "seed": seed, "p": None, "matched_to": None, "quality": None}
+    return {"cell": {"model": model, "layer": layer, "spec": method, "family": metric.split(".")[0]},
+            "cell_id": f"{method}-{layer}-{metric}-{seed}", "method_family": family, "artefacts": [art],
+            "rows": [row]}
+
+
+def _write(tmp_path, cells):
+    d = tmp_path / "run" / "cells"
+    d.mkdir(parents=True)
+    for i, c in enumerate(cells):
+        (d / f"{i:03d}.json").write_text(json.dumps(c))
+    return tmp_path / "run"
+
+
+def test_planted_difference_is_found_and_null_is_not(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.7, 0.1, size=40)
+    concepts = [f"c{i}" for i in range(40)]
+    cells = []
+    for L in (4, 8):
+        cells.append(_cell("m", L, "ep:p=2", "ep", "detection.auroc", dict(zip(concepts, base + 0.1))))
+        for seed in (0, 1):  # two fit seeds of the SAE: averaged per unit before pairing
+            noise = rng.normal(0, 0.01, size=40)
+            cells.append(_cell("m", L, "sae", "sae", "detection.auroc", dict(zip(concepts, base + noise)), seed))
+        cells.append(_cell("m", L, "random", "random", "detection.auroc",
+                           dict(zip(concepts, base + 0.1 + rng.normal(0, 0.01, size=40)))))
+    run = _write(tmp_path, cells)
+    vs = {(v.comparison.a, v.comparison.b): v for v in verdict_table(run)}
+    ep_sae = vs[("ep:p=2", "sae")]
+    assert ep_sae.verdict == "better" and ep_sae.result.n == 40  # a concept counts once over both layers
+    assert ep_sae.result.diff == pytest.approx(0.1, abs=0.01) and ep_sae.result.ci_low > 0
+    assert vs[("ep:p=2", "random")].verdict == "no detectable difference"
+    assert vs[("sae", "random")].verdict == "worse"
+
+
+def test_lower_is_better_for_causal_deltas_and_control_pairing(tmp_path):
+    prompts = [f"{i}:prompt {i}" for i in range(30)]
+    rng = np.random.default_rng(1)
+    ctrl = rng.normal(0, 0.1, size=30)
+    cells = [_cell("m", 8, "ep:p=2", "ep", "causal.ablate.delta_logit_diff", dict(zip(prompts, ctrl - 1.0))),
+             _cell("m", 8, "ep:p=2", "ep", "causal.ablate.control_delta", dict(zip(prompts, ctrl)))]
+    run = _write(tmp_path, cells)
+    v = next(v for v in verdict_table(run) if v.comparison.b == CONTROL)
+    assert v.verdict == "better" and v.result.diff == pytest.approx(-1.0)
+
+
+def test_random_control_is_matched_by_k_when_available():
+    arts = pd.DataFrame([
+        {"method": "ep:p=4", "family": "ep", "K": 545, "tokens": 40_000, "matched_to": None},
+        {"method": "random", "family": "random", "K": 512, "tokens": 40_000, "matched_to": None},
+        {"method": "random@K(ep:p=4)", "family": "random", "K": 545, "tokens": 40_000,
+         "matched_to": {"artefact": "ep:p=4", "kind": "K"}},
+        {"method": "sae", "family": "sae", "K": 2048, "tokens": 52_000, "matched_to": None},
+    ])
+    comps = {(c.a, c.b): c for c in plan_comparisons(arts, ["detection.auroc"])}
+    assert ("ep:p=4", "random@K(ep:p=4)") in comps and ("ep:p=4", "random") not in comps
+    assert comps[("sae", "random")].kind == "vs random" and "K differs" in comps[("sae", "random")].note
+    assert "K differs" in comps[("ep:p=4", "sae")].note
+
+
+def test_too_few_units_gives_no_verdict(tmp_path):
+    cells = [_cell("m", 4, "a", "ep", "detection.auroc", {"x": 1.0, "y": 0.9}),
+             _cell("m", 4, "b", "sae", "detection.auroc", {"x": 0.1, "y": 0.2})]
+    units = unit_table(cells)
+    assert compare(units, Comparison("a", "b", "k", "detection.auroc"), VerdictConfig()) is None
+    assert artefact_table(cells)["K"].tolist() == [100, 100]
+
+
+def test_claims_refusal_not_testable_on_a_compliant_model_and_saturation():
+    row = {"method": "model", "model": "m", "layer": 8, "metric": "refusal.baseline_rate", "value": 0.05,
+           "n": 40, "detail": "harmful", "seed": 0}
+    df = rows_table([{"method_family": "", "rows": [row]}])
+    c = claim_refusal(df)
+    assert c.status == NOT_TESTABLE and "0.05" in c.measured
+    build = [{"method": "ep:p=8", "model": "m", "layer": 8, "metric": m, "value": v, "n": 1, "detail": "", "seed": 0}
+             for m, v in (("build.percentile", 8), ("build.saturated", 1.0), ("build.K", 150), ("build.tokens", 9e4))]
+    s = claim_saturation(rows_table([{"method_family": "ep", "rows": build}]))
+    assert s.status == REPRODUCED and "saturated" in s.measured
