@@ -1,0 +1,354 @@
+"""`epbench browse`: a static, offline feature browser for a run (or for saved artefacts).
+
+The site is plain HTML/CSS/JS (bench/browser/static) plus data written as JavaScript files, because a page
+opened from disk (file://) may not fetch JSON: `data/index.js` (every dictionary, its headline metrics, and per
+feature a label token and the concepts that select it) loads with the page; each block of `shard_features`
+feature cards is `data/f/<artefact>/<block>.js`, injected as a <script> only when a card of that block opens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bench.browser.cards import CardConfig, best_matches, concept_picks, sample_rows, scan, top_sets
+from methods.base import Artefact, load_artefact
+
+STATIC = Path(__file__).parent / "static"
+HEADLINE = ("retrieval.precision@10", "detection.auroc", "probing.onehot_retention", "ood.auroc",
+            "correspondence.mean_best_f1", "recon.explained_variance", "recon.loss_recovered",
+            "stability.direction.mean_cos")
+
+
+@dataclass
+class BrowseConfig(CardConfig):
+    """What `epbench browse` writes (card sizes come from CardConfig)."""
+
+    shard_features: int = 256  # feature cards per lazily loaded data file
+    layers: list[int] | None = None  # only these layers (default: every layer of the run)
+    methods: list[str] | None = None  # only these method spec or artefact labels (default: all)
+
+
+class LayerSource(NamedTuple):
+    """The artefacts of one model and layer, with the data their cards are computed from."""
+
+    model: str
+    layer: int
+    artefacts: list[Artefact]
+    store: Any  # ActivationStore of the build stream (top contexts, EP members)
+    tokenizer: Any  # a Hugging Face tokenizer, or None (token ids are shown)
+    concepts: dict[str, tuple[Any, Any]]  # concept set name -> (ConceptSet, TextActivations)
+    match_inputs: Any  # TextActivations (unit text) or a [N, d] tensor (unit token) for F1 matching
+    match_unit: str
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
+def artefact_id(model: str, layer: int, art: Artefact) -> str:
+    """The id of a dictionary in the site (its data folder name and URL component)."""
+    return _safe(f"{model}__L{layer:02d}__{art.name}")
+
+
+def _num(v: Any, digits: int = 4) -> Any:
+    """JSON-safe rounded number (None for NaN / inf)."""
+    if v is None:
+        return None
+    v = float(v)
+    if not math.isfinite(v):
+        return None
+    return float(f"{v:.{digits}g}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources: a run directory, or saved artefacts
+
+
+def resolve_target(target: str, results_dir: str | Path = "results") -> tuple[str, Path]:
+    """('run', run dir) or ('artefacts', dir) for a run id, run directory or artefact directory."""
+    for p in (Path(target), Path(results_dir) / target):
+        if (p / "run.json").is_file():
+            return "run", p
+        if (p / "cfg.json").is_file() or (p / "index.json").is_file():
+            return "artefacts", p
+    raise FileNotFoundError(f"{target}: neither a run (results/<run-id>/run.json) nor an artefact directory "
+                            "(cfg.json, or an artefact cache folder with index.json); pass `epbench run`'s run id "
+                            "or a directory written by `epbench build`")
+
+
+def suite_of_run(run_dir: Path) -> Any:
+    """The Suite a run recorded in run.json."""
+    from bench.suites import MethodSpec, Suite
+
+    cfg = json.loads((run_dir / "run.json").read_text())["config"]
+    names = {f.name for f in dataclasses.fields(Suite)}
+    return Suite(**{**{k: v for k, v in cfg.items() if k in names},
+                    "methods": [MethodSpec(**m) for m in cfg["methods"]]})
+
+
+def _wanted(art_or_label: str, methods: list[str] | None) -> bool:
+    return methods is None or art_or_label in methods
+
+
+def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
+    """One LayerSource per (model, layer) of a run: artefacts through ModelContext (the run's cache)."""
+    from bench.runner import ModelContext
+
+    suite = suite_of_run(run_dir)
+    layers = [L for L in suite.layers if cfg.layers is None or L in cfg.layers]
+    if not layers:
+        raise ValueError(f"{run_dir}: none of layers {cfg.layers} is in the run (layers {suite.layers})")
+    out = []
+    for model in suite.models:
+        ctx = ModelContext(suite, model, progress=False)
+        for L in layers:
+            arts = [a for s in suite.methods for a in ctx.artefacts(s.label, L)
+                    if cfg.methods is None or s.label in cfg.methods or a.name in cfg.methods]
+            concepts = {n: (cs, ctx.concept_acts(n, L)) for n, cs in ctx.concept_sets.items()}
+            inputs = ctx.heldout_acts(L) if concepts else sample_rows(ctx.store, L, cfg.sample_contexts).acts
+            out.append(LayerSource(model, L, arts, ctx.store, ctx.backend.tokenizer, concepts, inputs,
+                                   "text" if concepts else "token"))
+    return out
+
+
+def artefact_sources(root: Path, cfg: BrowseConfig) -> list[LayerSource]:
+    """LayerSources for one saved artefact (cfg.json) or every artefact under a folder of them."""
+    from bench.store import ActivationStore, stores_root
+
+    paths = [root] if (root / "cfg.json").is_file() else sorted(p.parent for p in root.rglob("cfg.json"))
+    groups: dict[tuple[str, str, int], list[Artefact]] = {}
+    for p in paths:
+        art = load_artefact(p)
+        key = (art.info.get("store_id", ""), str(art.info.get("model", "")), int(art.info.get("layer", -1)))
+        if (cfg.layers is None or key[2] in cfg.layers) and _wanted(art.name, cfg.methods):
+            groups.setdefault(key, []).append(art)
+    out = []
+    for (store_id, model, L), arts in sorted(groups.items()):
+        spath = stores_root() / store_id
+        if not (spath / "manifest.json").is_file():
+            raise FileNotFoundError(f"{spath}: the store {arts[0].name} was built on is not in the cache; "
+                                    "re-extract it (`epbench extract` with the same request) or set EPBENCH_CACHE")
+        store = ActivationStore(spath)
+        out.append(LayerSource(model, L, arts, store, _tokenizer(model), {},
+                               sample_rows(store, L, cfg.sample_contexts).acts, "token"))
+    return out
+
+
+def _tokenizer(model: str) -> Any:
+    try:
+        from bench.models import load_model
+
+        return load_model(model, "cpu").tokenizer
+    except (KeyError, ValueError, RuntimeError, OSError):
+        return None  # e.g. a synthetic store: the site shows token ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cards and the index
+
+
+class _Tokens:
+    """Token ids the site uses, per model, with a memo of store contexts."""
+
+    def __init__(self):
+        self.used: dict[str, set[int]] = {}
+        self.contexts: dict[str, dict[int, list[int]]] = {}  # store id -> context id -> token ids
+        self.shown: dict[str, set[int]] = {}  # store id -> contexts the site shows whole (top contexts)
+
+    def context(self, store: Any, cid: int) -> list[int]:
+        memo = self.contexts.setdefault(store.id, {})
+        if cid not in memo:
+            memo[cid] = store.context_tokens(cid)
+        return memo[cid]
+
+    def use(self, model: str, ids: list[int]) -> None:
+        self.used.setdefault(model, set()).update(ids)
+
+
+def _ep_members(art: Artefact, store: Any, tokens: _Tokens, model: str, k: int, cfg: BrowseConfig,
+                member_ctx: dict[str, np.ndarray]) -> dict[str, Any]:
+    t = art.tensors
+    n = float(t["member_count"][k])
+    mean = float(t["dist_sum"][k]) / max(n, 1.0)
+    out: dict[str, Any] = {"n": int(n), "coh": _num(t["coherence"][k]), "dmean": _num(mean),
+                           "dstd": _num(math.sqrt(max(float(t["dist_sqsum"][k]) / max(n, 1.0) - mean * mean, 0.0)))}
+    for kind in ("closest", "farthest"):
+        items = []
+        for j in range(min(cfg.members, member_ctx[kind].shape[1])):
+            cid, pos = int(member_ctx[kind][k, j]), int(t[f"{kind}_position"][k, j])
+            if cid < 0:
+                continue
+            toks = tokens.context(store, cid)
+            a, b = max(1, pos - cfg.before), min(len(toks), pos + cfg.after + 1)
+            tokens.use(model, toks[a:b])
+            items.append([_num(t[f"{kind}_distance"][k, j]), toks[a:b], pos - a])
+        out[kind[:5]] = items
+    return out
+
+
+def _label_tokens(art: Artefact, top, store: Any, tokens: _Tokens, model: str) -> list[int]:
+    """Per feature the token that names it: EP's exemplar token, else the token at its strongest activation."""
+    out = []
+    for k in range(art.K):
+        if art.method == "ep":
+            cid, pos = int(art.tensors["exemplar_context"][k]), int(art.tensors["exemplar_position"][k])
+        else:
+            cid, pos = int(top.context[k, 0]), int(top.peak[k, 0])
+        out.append(tokens.context(store, cid)[pos] if cid >= 0 else -1)
+    tokens.use(model, [t for t in out if t >= 0])
+    return out
+
+
+def _headline(rows: Any, model: str, layer: int, name: str) -> dict[str, Any]:
+    if rows is None:
+        return {}
+    d = rows[(rows["model"] == model) & (rows["layer"] == layer) & (rows["method"] == name)]
+    return {m: _num(d.loc[d["metric"] == m, "value"].mean(), 3) for m in HEADLINE if (d["metric"] == m).any()}
+
+
+def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any) -> tuple[list[dict], dict]:
+    """The index entries and the cards ({artefact id: [card, ...]}) of one model and layer."""
+    ids = [artefact_id(src.model, src.layer, a) for a in src.artefacts]
+    sample = sample_rows(src.store, src.layer, cfg.sample_contexts)
+    sets = top_sets(src.artefacts, src.match_inputs, src.match_unit, cfg.match_top_n)
+    entries, cards = [], {}
+    for i, (aid, art) in enumerate(zip(ids, src.artefacts)):
+        t0 = time.perf_counter()
+        top, hist = scan(art, sample, cfg)
+        matches = []
+        for j, other in enumerate(src.artefacts):
+            if other.method != art.method:
+                best, f1 = best_matches(sets[i], sets[j])
+                matches.append((ids[j], best, f1))
+        picks: dict[int, list] = {}
+        concept_index: dict[str, int] = {}
+        for name, (cs, acts) in src.concepts.items():
+            if art.supervised and art.info.get("concept_set") not in (None, name):
+                continue
+            for concept, k, auc in concept_picks(art, cs, acts):
+                picks.setdefault(k, []).append([name, concept, _num(auc, 3)])
+                concept_index[f"{name}/{concept}"] = k
+        member_ctx = {kind: art.tensors[f"{kind}_context"].numpy() for kind in ("closest", "farthest")} \
+            if art.method == "ep" else {}
+        feats = []
+        for k in range(art.K):
+            card: dict[str, Any] = {
+                "k": k,
+                "top": [[int(top.context[k, t]), int(top.start[k, t]), int(top.peak[k, t]), _num(top.value[k, t]),
+                         top.digits[k][t]] for t in range(top.context.shape[1]) if top.context[k, t] >= 0],
+                "hist": [_num(hist.lo[k]), _num(hist.hi[k]), hist.counts[k].tolist(), int(hist.zeros[k]), hist.rows],
+                "match": [[oid, int(best[k]), _num(f1[k], 3)] for oid, best, f1 in matches if best[k] >= 0],
+                "concepts": picks.get(k, []),
+            }
+            if art.method == "ep":
+                card["ep"] = _ep_members(art, src.store, tokens, src.model, k, cfg, member_ctx)
+            feats.append(card)
+        for k in range(art.K):
+            for c in feats[k]["top"]:
+                toks = tokens.context(src.store, c[0])
+                tokens.use(src.model, toks)
+                tokens.shown.setdefault(src.store.id, set()).add(c[0])
+        cost = art.cost
+        entries.append({
+            "id": aid, "model": src.model, "layer": src.layer, "name": art.name, "method": art.method,
+            "K": art.K, "supervised": art.supervised, "store": src.store.id,
+            "readout": "cosine" if art.method == "ep" else (art.readouts[0] if art.readouts else "default"),
+            "theta": _num(art.info.get("theta")), "p": art.info.get("p"),
+            "cost": {"tokens": cost.tokens, "rows": cost.rows, "flops": _num(cost.flops, 3),
+                     "seconds": _num(cost.wall_seconds, 3), "device": cost.device},
+            "metrics": _headline(rows, src.model, src.layer, art.name),
+            "labels": _label_tokens(art, top, src.store, tokens, src.model),
+            "concepts": concept_index, "shard": cfg.shard_features,
+            "card_seconds": _num(time.perf_counter() - t0, 3),
+        })
+        cards[aid] = feats
+    return entries, cards
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing the site
+
+
+def _js(path: Path, call: str, *args: Any) -> int:
+    """Write `EPB.<call>(args...)` atomically; returns the bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"EPB.{call}(" + ",".join(json.dumps(a, separators=(",", ":"), ensure_ascii=False) for a in args) + ");\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return len(text.encode())
+
+
+def _token_text(tokenizer: Any, ids: list[int]) -> dict[str, str]:
+    if tokenizer is None:
+        return {str(i): f"#{i}" for i in ids}
+    return {str(i): tokenizer.decode([i]) for i in ids}
+
+
+def write_site(out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: Any = None,
+               title: str = "", meta: dict[str, Any] | None = None) -> Path:
+    """Compute every card and write the site into `out` (index.html, app.js, style.css, data/)."""
+    tokens = _Tokens()
+    entries: list[dict] = []
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    data = tmp / "data"
+    tokenizers: dict[str, Any] = {}
+    for src in sources:
+        tokenizers[src.model] = src.tokenizer
+        e, cards = layer_cards(src, cfg, tokens, rows)
+        entries += e
+        for aid, feats in cards.items():
+            for b in range(0, len(feats), cfg.shard_features):
+                _js(data / "f" / aid / f"{b // cfg.shard_features}.js", "shard", aid, b // cfg.shard_features,
+                    feats[b:b + cfg.shard_features])
+    for model, used in tokens.used.items():
+        _js(data / "vocab" / f"{_safe(model)}.js", "vocab", model, _token_text(tokenizers.get(model), sorted(used)))
+    for sid, shown in tokens.shown.items():
+        ctxs = tokens.contexts[sid]
+        _js(data / "contexts" / f"{_safe(sid)}.js", "contexts", sid, {str(c): ctxs[c] for c in sorted(shown)})
+    index = {"title": title, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "meta": meta or {},
+             "config": dataclasses.asdict(cfg), "artefacts": entries, "headline": list(HEADLINE)}
+    _js(data / "index.js", "index", index)
+    for name in ("index.html", "app.js", "style.css"):
+        shutil.copy(STATIC / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def site_size(out: Path) -> int:
+    """Bytes on disk of every file of the site."""
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+
+def browse(target: str, out: str | Path | None = None, config: BrowseConfig | None = None,
+           results_dir: str | Path = "results") -> Path:
+    """Write the browser for a run id / run directory / artefact directory; returns the site folder."""
+    cfg = config or BrowseConfig()
+    kind, path = resolve_target(target, results_dir)
+    rows, meta = None, {}
+    if kind == "run":
+        from bench.report import load_rows
+
+        sources = run_sources(path, cfg)
+        rows = load_rows(path) if (path / "rows.parquet").exists() or (path / "rows.csv").exists() else None
+        run = json.loads((path / "run.json").read_text())
+        meta = {k: run.get(k) for k in ("run_id", "suite", "git_commit", "started", "finished")}
+    else:
+        sources = artefact_sources(path, cfg)
+        if not sources:
+            raise ValueError(f"{path}: no artefact matched --layers {cfg.layers} / --methods {cfg.methods}")
+    return write_site(Path(out) if out else path / "browser", sources, cfg, rows, title=path.name, meta=meta)
