@@ -114,6 +114,12 @@ class Suite:
     needs_hub: bool = False  # weights come from the Hugging Face hub: fail fast offline
 
     def __post_init__(self) -> None:
+        labels = {m.label for m in self.methods}
+        for m in self.methods:
+            missing = [t for t in m.match_to if t not in labels]
+            if missing:
+                raise ValueError(f"suite {self.name}: method spec {m.label!r} has match_to {missing!r} not in the suite "
+                                 f"(methods: {sorted(labels)}); add them, e.g. --method {' '.join(missing)} {m.label}")
         unknown = sorted(set(self.metrics) - set(METRIC_FAMILIES))
         if unknown:
             raise ValueError(f"suite {self.name}: unknown metric families {unknown}; valid: {list(METRIC_FAMILIES)}")

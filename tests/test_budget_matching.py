@@ -1,0 +1,56 @@
+"""Budget-matched specs (MethodSpec.match): the runner builds baselines at another artefact's K or tokens."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bench.runner import ModelContext
+from bench.store import write_synthetic_store
+from bench.suites import MethodSpec, get_suite
+
+LAYERS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    acts = {L: 3.0 + torch.randn(48, 15, 16, generator=g) for L in LAYERS}
+    store = write_synthetic_store(tmp_path_factory.mktemp("store") / "s", acts)
+    suite = dataclasses.replace(
+        get_suite("smoke"), layers=list(LAYERS), concept_sets=[],
+        methods=[MethodSpec("ep", {"percentiles": [2, 10], "n_calib": 200, "batch_contexts": 8}),
+                 MethodSpec("pca", {"k": 4}),
+                 MethodSpec("random", {"k": 8}, match="K", match_to=["ep", "pca"], seeds=[0, 1]),
+                 MethodSpec("kmeans", {"n_rows": 600, "n_calib": 200}, match="K", match_to=["ep"], match_p=[10])])
+    return ModelContext(suite, "synthetic", progress=False, store=store)
+
+
+def test_matched_artefacts_copy_the_targets_k_per_layer_and_seed(ctx):
+    for L in LAYERS:
+        targets = {a.name: a.K for a in ctx.artefacts("ep", L) + ctx.artefacts("pca", L)}
+        rnd = ctx.artefacts("random@K", L)
+        assert sorted(a.name for a in rnd) == sorted(f"random@K({t})" for t in targets for _ in (0, 1))
+        for a in rnd:
+            target = a.info["matched_to"]["artefact"]
+            assert a.K == targets[target] == a.info["matched_to"]["K"]
+        assert {a.config.seed for a in rnd} == {0, 1}
+        km = ctx.artefacts("kmeans@K", L)  # match_p keeps only p=10
+        assert [a.name for a in km] == ["kmeans@K(ep:p=10)"] and km[0].K == targets["ep:p=10"]
+
+
+def test_matched_spec_key_follows_its_targets(ctx):
+    spec = ctx.spec("random@K")
+    before = ctx.spec_key(spec)
+    ctx.suite.methods[0].params["n_calib"] = 100  # another EP build changes every K it sets
+    try:
+        assert ctx.spec_key(spec) != before
+    finally:
+        ctx.suite.methods[0].params["n_calib"] = 200
+
+
+def test_a_match_target_missing_from_the_suite_is_named():
+    with pytest.raises(ValueError, match="match_to.*'ep'.*not in the suite"):
+        dataclasses.replace(get_suite("smoke"), methods=[MethodSpec("random", match="K", match_to=["ep"])])
+    with pytest.raises(ValueError, match="match must be one of"):
+        MethodSpec("random", match="flops", match_to=["ep"])
