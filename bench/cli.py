@@ -13,15 +13,36 @@ from typing import Any, Sequence
 DEFAULT_STORE_TOKENS = 200_000
 
 
-def _add_store_args(p: argparse.ArgumentParser, layers: bool = True) -> None:
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (so `--tokens 0` is refused instead of meaning "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+STORE_DEFAULTS = {"tokens": DEFAULT_STORE_TOKENS, "ctx_len": 128, "dtype": "float32", "seed": 0}
+
+
+def _add_store_args(p: argparse.ArgumentParser, layers: bool = True, defaults: bool = True) -> None:
+    """Store flags. With defaults=False the request flags default to None, so a command can tell which were
+    given (build: a flag given must match the store used; unset ones accept any existing store)."""
+    d = STORE_DEFAULTS if defaults else dict.fromkeys(STORE_DEFAULTS)
     p.add_argument("--model", default="smollm2-135m", help="registered model name (default: smollm2-135m)")
     if layers:
         p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to capture (resid_post)")
     p.add_argument("--corpus", default="default", help="corpus spec: default, bbc, wordnet, jsonl:PATH, hf:NAME")
-    p.add_argument("--tokens", type=int, default=DEFAULT_STORE_TOKENS, help="token budget (BOS included)")
-    p.add_argument("--ctx-len", type=int, default=128, help="context length in tokens, BOS included")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
-    p.add_argument("--seed", type=int, default=0, help="corpus order seed")
+    p.add_argument("--max-docs", type=_positive_int, default=None,
+                   help="use the first N documents of the corpus (required for a streamed hf: dataset)")
+    p.add_argument("--tokens", type=_positive_int, default=d["tokens"],
+                   help=f"token budget, BOS included (default {DEFAULT_STORE_TOKENS})")
+    p.add_argument("--ctx-len", type=_positive_int, default=d["ctx_len"],
+                   help="context length in tokens, BOS included (default 128)")
+    p.add_argument("--dtype", default=d["dtype"], choices=["float32", "float16"], help="storage dtype (default float32)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="corpus order seed (default 0)")
     p.add_argument("--store-dir", default=None, help="stores root (default: $EPBENCH_CACHE/stores)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -30,7 +51,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from bench.store import ExtractionRequest, extract
 
     req = ExtractionRequest(model=args.model, layers=args.layers, corpus=args.corpus, tokens=args.tokens,
-                            ctx_len=args.ctx_len, dtype=args.dtype, seed=args.seed)
+                            ctx_len=args.ctx_len, dtype=args.dtype, seed=args.seed, max_docs=args.max_docs)
     t0 = time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     store = extract(req, root=args.store_dir, force=args.force, progress=not args.quiet, device=args.device)
@@ -70,11 +91,17 @@ def _field_type(f: dataclasses.Field, hints: dict[str, Any]) -> tuple[Any, str |
 
 def config_parser(config_cls: type, prog: str) -> argparse.ArgumentParser:
     """An argparse parser generated from a method config dataclass (one `--field` per field)."""
-    p = argparse.ArgumentParser(prog=prog, add_help=False)
+    p = argparse.ArgumentParser(prog=prog, add_help=False, usage=argparse.SUPPRESS)
     hints = typing.get_type_hints(config_cls)
+    docs = config_cls.field_docs() if hasattr(config_cls, "field_docs") else {}
+    group = p.add_argument_group(f"{config_cls.__name__} options (the method's config; documented in its source)")
     for f in dataclasses.fields(config_cls):
         typ, nargs = _field_type(f, hints)
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, nargs=nargs, default=argparse.SUPPRESS)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, nargs=nargs,
+                           default=argparse.SUPPRESS,
+                           help=f"{docs.get(f.name, '')} (default: {default})".strip().replace("%", "%%"))
     return p
 
 
@@ -82,15 +109,30 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
     from methods.registry import get_method
     from bench.store import ExtractionRequest, extract, find_stores
 
+    from bench.models import weights_identity
+
+    if args.help:
+        print(args.build_parser.format_help())
+        if args.method:
+            print(config_parser(get_method(args.method).config_cls, f"epbench build --method {args.method}")
+                  .format_help())
+        return 0
+    if not args.method or args.layer is None:
+        args.build_parser.error("--method and --layer are required (see epbench build --method NAME --help)")
     cls = get_method(args.method)
     params = vars(config_parser(cls.config_cls, f"epbench build --method {args.method}").parse_args(extra))
     cls(**params)  # validate the parameters before any extraction
-    stores = find_stores(args.model, args.layer, args.store_dir, args.corpus)
+    # a store flag that was given must hold for the store used; flags left unset accept any existing store
+    given = {k: getattr(args, k) for k in STORE_DEFAULTS if getattr(args, k) is not None}
+    if args.max_docs is not None:
+        given["max_docs"] = args.max_docs
+    stores = find_stores(args.model, args.layer, args.store_dir, args.corpus,
+                         weights_id=weights_identity(args.model), request=given)
     if stores:
         store = stores[0]
     else:
-        req = ExtractionRequest(model=args.model, layers=[args.layer], corpus=args.corpus, tokens=args.tokens,
-                                ctx_len=args.ctx_len, dtype=args.dtype, seed=args.seed)
+        req = ExtractionRequest(model=args.model, layers=[args.layer], corpus=args.corpus, max_docs=args.max_docs,
+                                **{**STORE_DEFAULTS, **{k: v for k, v in given.items() if k != "max_docs"}})
         store = extract(req, root=args.store_dir, device=args.device)
     from bench.runner import ModelContext
     from bench.suites import MethodSpec, get_suite
@@ -103,12 +145,24 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"store {store.path} ({store.n_tokens} tokens, {store.n_rows} rows)")
     print(f"{'artefact':<22}{'K':>8}{'rows':>10}{'tokens':>11}{'GFLOP':>10}{'wall s':>9}{'peak MiB':>10}  path")
     for art in built[args.layer]:
-        path = art.save(out_root / store.model / f"L{args.layer:02d}" / art.name.replace(":", "_").replace("=", ""))
+        path = art.save(out_root / store.model / f"L{args.layer:02d}" / _folder_name(art.name))
         c = art.cost
         extra_info = f"  theta={art.info['theta']:.4f}" if "theta" in art.info else ""
         print(f"{art.name:<22}{art.K:>8}{c.rows:>10}{c.tokens:>11}{c.flops / 1e9:>10.2f}{c.wall_seconds:>9.2f}"
               f"{c.peak_memory_bytes / 2**20:>10.1f}  {path}{extra_info}")
     return 0
+
+
+def _folder_name(label: str, limit: int = 60) -> str:
+    """One path component for an artefact label: no separators or odd characters (a concept-set path in a label
+    must not nest folders), and long labels shortened with a hash so they stay unique."""
+    import hashlib
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace("=", "")).strip("._") or "artefact"
+    if len(name) > limit:
+        name = f"{name[: limit - 11]}-{hashlib.sha256(label.encode()).hexdigest()[:10]}"
+    return name
 
 
 def _suite_from_args(args: argparse.Namespace):
@@ -174,7 +228,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     base = get_suite("default")
     suite = narrow_suite(base, models=[args.model], layers=[args.layer], methods=args.methods, metrics=args.metrics)
-    suite = dataclasses.replace(suite, name="score", store_tokens=args.tokens or base.store_tokens)
+    suite = dataclasses.replace(suite, name="score",
+                                store_tokens=args.tokens if args.tokens is not None else base.store_tokens)
     t0 = time.time()
     run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=False)
     print_table(run.dir)
@@ -228,12 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="delete and rebuild the store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("build", help="build a method artefact from the store; other --flags set method config")
-    p.add_argument("--method", required=True, help="method name (built-in or plugin)")
-    p.add_argument("--layer", type=int, required=True)
+    p = sub.add_parser("build", add_help=False,
+                       help="build a method artefact from the store; other --flags set method config")
+    p.add_argument("-h", "--help", action="store_true", help="this help; with --method NAME, also its options")
+    p.add_argument("--method", default=None, help="method name (built-in or plugin); required")
+    p.add_argument("--layer", type=int, default=None, help="layer to build at; required")
     p.add_argument("--concepts", default="wordnet", help="concept set for supervised methods (diffmean)")
     p.add_argument("--out", default=None, help="artefacts root (default results/artefacts)")
-    _add_store_args(p, layers=False)
+    _add_store_args(p, layers=False, defaults=False)
+    p.set_defaults(build_parser=p)
 
     p = sub.add_parser("run", help="run a benchmark suite (resumes finished cells), then write its report")
     p.add_argument("--suite", default="default", help="suite name (bench/suites/<name>.py)")
@@ -255,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--methods", nargs="+", default=["ep:p=2", "sae", "kmeans", "pca", "random", "diffmean"])
     p.add_argument("--metrics", nargs="+", default=["all"])
-    p.add_argument("--tokens", type=int, default=None, help="store token budget (default: the default suite's)")
+    p.add_argument("--tokens", type=_positive_int, default=None,
+                   help="store token budget (default: the default suite's)")
     p.add_argument("--run-id", default=None)
     p.add_argument("--results-dir", default="results")
     p.add_argument("--force", action="store_true")
@@ -282,7 +341,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=1, help="k of the topk readout (EP/k-means)")
     p.add_argument("--basis", default="exemplar", choices=["exemplar", "mean"], help="EP basis")
 
-
     args, extra = parser.parse_known_args(argv)
     try:
         if args.cmd == "build":
@@ -295,6 +353,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"epbench: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only or unwritable folders: one line naming the path and the fix
+        print(f"epbench: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: the path, what went wrong, and what to do (finished work is always kept)."""
+    import errno
+
+    where = e.filename or "a file"
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        fix = "free disk space, then rerun the same command: finished work is kept and it resumes"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "that location is not writable: pass a writable --results-dir / --store-dir / --out or set EPBENCH_CACHE"
+    else:
+        fix = "check the path, then rerun the same command (finished work is kept)"
+    return f"{where}: {what}; {fix}"
 
 
 if __name__ == "__main__":

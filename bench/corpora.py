@@ -424,10 +424,15 @@ class JsonlCorpus:
     def documents(self) -> Iterator[Document]:
         """Yield documents in file order; bad lines raise naming the file and line."""
         n = 0
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(self.path, "rb") as f:  # bytes, so a non-UTF-8 line is reported with its line number
+            for lineno, raw in enumerate(f, 1):
                 if self.max_docs is not None and n >= self.max_docs:
                     return
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{self.path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line); "
+                                     "re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
                 if not line.strip():
                     continue
                 try:
@@ -514,7 +519,7 @@ class HFCorpus:
         """Name, params, number of docs and sha256 of the texts in order (needs max_docs)."""
         if self.max_docs is None:
             raise ValueError(f"{self.name}: a streamed dataset must be made finite to be fingerprinted; "
-                             f"pass max_docs")
+                             f"pass max_docs (on the command line: --max-docs N)")
         if self._fp is None:
             docs = list(self.documents())
             self._fp = {"name": self.name,

@@ -29,8 +29,18 @@ EMBEDDED_DEFAULT = "smollm2-135m"
 
 
 def pick_device(device: str | None = None) -> str:
-    """CUDA when present unless told otherwise."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present unless told otherwise; a device this torch cannot use is refused in one line."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device ({e}); use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"--device {device}: torch {torch.__version__} is {build} or sees no GPU; "
+                         "use --device cpu (or install a CUDA torch on a GPU machine)")
+    return device
 
 
 @dataclass
@@ -51,6 +61,11 @@ class ModelBackend:
     @property
     def n_layers(self) -> int:
         return int(self.model.cfg.n_layers)
+
+    @property
+    def n_ctx(self) -> int:
+        """The longest context the model accepts, in tokens."""
+        return int(self.model.cfg.n_ctx)
 
     @property
     def device(self) -> torch.device:

@@ -59,13 +59,16 @@ class ExtractionRequest:
     max_contexts_per_doc: int | None = None  # None: chunk whole documents; 1: one (truncated) context per doc
     batch_contexts: int = 32  # forward-pass batch
     shard_contexts: int = 128  # contexts per shard (multiple of batch_contexts)
+    max_docs: int | None = None  # first n documents of the corpus (needed for a streamed hf: dataset)
 
     def __post_init__(self) -> None:
         self.layers = sorted({int(L) for L in self.layers})
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, not {self.dtype!r}")
         if self.tokens <= 0 or self.ctx_len < 2:
-            raise ValueError("tokens must be > 0 and ctx_len >= 2")
+            raise ValueError(f"tokens must be > 0 and ctx_len >= 2 (got tokens={self.tokens}, ctx_len={self.ctx_len})")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ValueError(f"max_docs must be >= 1, got {self.max_docs}")
         if self.shard_contexts % self.batch_contexts:
             raise ValueError("shard_contexts must be a multiple of batch_contexts")
 
@@ -379,7 +382,10 @@ def open_verified(path: Path) -> tuple[ActivationStore | None, str]:
 def request_id(req: ExtractionRequest, corpus_fingerprint: dict[str, Any], weights_id: str) -> str:
     """A store's id: hash of the request, the corpus fingerprint and the weights identity
     (`bench.models.weights_identity`), so other weights or other texts never reuse a store."""
-    blob = json.dumps({"v": STORE_FORMAT_VERSION, "request": asdict(req), "corpus": corpus_fingerprint,
+    request = asdict(req)
+    if request["max_docs"] is None:  # added later: absent when unset, so earlier store ids stay valid
+        del request["max_docs"]
+    blob = json.dumps({"v": STORE_FORMAT_VERSION, "request": request, "corpus": corpus_fingerprint,
                        "weights": weights_id}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -505,7 +511,7 @@ def extract(
 
     if req.model not in LOADERS:
         raise ValueError(f"unknown model {req.model!r}; available: {', '.join(sorted(LOADERS))}")
-    corpus = corpus if corpus is not None else get_corpus(req.corpus, seed=req.seed)
+    corpus = corpus if corpus is not None else get_corpus(req.corpus, seed=req.seed, max_docs=req.max_docs)
     fingerprint = corpus.fingerprint()
     weights_id = weights_identity(req.model)  # verified weights, without loading the model
     sid = request_id(req, fingerprint, weights_id)
@@ -563,6 +569,9 @@ def _extract_locked(req: ExtractionRequest, path: Path, sid: str, weights_id: st
         raise StoreError(f"the weights of {req.model} changed while loading (identity {backend.weights_id[:12]} "
                          f"loaded, {weights_id[:12]} expected); rerun the same command")
     layers = backend.check_layers(req.layers)
+    if req.ctx_len > backend.n_ctx:
+        raise ValueError(f"ctx_len {req.ctx_len} exceeds the context of {req.model} ({backend.n_ctx} tokens); "
+                         f"use --ctx-len {backend.n_ctx} or less")
     contexts = plan_contexts(corpus.documents(), backend, req)
     path.mkdir(parents=True, exist_ok=True)
     for tmp in path.rglob("*.tmp"):
@@ -645,6 +654,8 @@ def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], weights
     """A complete store of the same request, corpus and weights that captured more layers (a layer's rows do not
     depend on which other layers were captured in the same pass)."""
     want = asdict(req)
+    if want["max_docs"] is None:
+        del want["max_docs"]  # older manifests do not record it
     for mp in sorted(root.glob("*/manifest.json")) if root.exists() else []:
         try:
             m = json.loads(mp.read_text())

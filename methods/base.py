@@ -11,7 +11,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
+import re
+import types
+import typing
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Sequence
@@ -43,12 +47,65 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
-        """Build from a dict, refusing unknown keys so typos in `--param` fail loudly."""
+        """Build from a dict, refusing unknown keys and values of the wrong type (`pca:k=2.5`) in one line."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown parameter(s) {unknown}; valid: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in d.items():
+            if not _fits_type(value, hints.get(name, Any)):
+                raise ValueError(f"{cls.__name__}: {name}={value!r} is not of type {_type_name(hints[name])}"
+                                 f"{'; ' + doc if (doc := cls.field_docs().get(name)) else ''}")
         return cls(**d)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's documented meaning: the comment on its line in the class source (for --help)."""
+        docs: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            if not (isinstance(klass, type) and issubclass(klass, MethodConfig)):
+                continue
+            try:
+                src = inspect.getsource(klass)
+            except (OSError, TypeError):
+                continue
+            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
+                docs[m.group(1)] = m.group(2).strip()
+        return docs
+
+
+def _fits_type(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a config field annotation (int, float, bool, str, None, unions, lists, literals)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits_type(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        return not inner or all(_fits_type(v, inner[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and origin is None:
+        return isinstance(value, hint)
+    return True  # an annotation this check does not model is left to the method
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 @dataclasses.dataclass
