@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	# WordNet database files (Debian package wordnet-base) for the offline corpus and concept sets.
 	test -f /usr/share/wordnet/data.noun || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wordnet-base; }
+	# Headless Chromium and its WebDriver (Debian chromium, chromium-driver) for the feature-browser tests.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 	touch $@
 
 run: install
