@@ -11,7 +11,9 @@ Checks (full sizes):
    (<= 0.002) at p = 1 and 10;
 3. assign of 100,000 rows at K=16,384, d=2304: extra peak memory (<= 1 GiB) and GFLOP/s / sgemm (>= 0.7);
 4. build peak RSS after 50k vs 200k streamed rows (fresh processes): within 10%;
-5. with CUDA: build throughput (rows/s) at d=2304, K ~ 20k on the GPU (the code picks the device itself).
+5. with CUDA: build throughput (rows/s) at d=2304, K ~ 20k on the GPU (the code picks the device itself);
+6. extraction: tokens/s of the store's forward pass (SmolLM2-135M to layer 12, 32 x 128 tokens) over the limit
+   set by its analytic FLOPs at this machine's sgemm rate, target >= 0.6.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -313,6 +315,50 @@ def bench_build_device(d: int, K: int, batch_rows: int, n_batches: int, dev: tor
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 6. extraction: forward-pass tokens/s against the analytic FLOP limit at this machine's sgemm rate
+
+
+def forward_flops_per_token(cfg: Any, n_layers: int, T: int) -> float:
+    """Analytic FLOPs per token of the transformer blocks 0..n_layers-1 at context length T.
+
+    Per layer: Q, K, V and O projections (grouped K/V heads), the gated MLP (three d x d_mlp matrices) and the
+    attention scores and mixing, which transformer-lens computes over all T positions (masking, not skipping).
+    Norms, rotary and softmax are elementwise and not counted. 2 FLOPs per multiply-add.
+    """
+    d, dh, h = cfg.d_model, cfg.d_head, cfg.n_heads
+    kv = getattr(cfg, "n_key_value_heads", None) or h
+    n_mlp = 3 if getattr(cfg, "gated_mlp", False) else 2
+    per_layer = 2 * d * (h * dh + 2 * kv * dh) + 2 * h * dh * d + 2 * n_mlp * d * cfg.d_mlp + 2 * 2 * h * dh * T
+    return float(n_layers * per_layer)
+
+
+def bench_extraction(model: str, layers: list[int], n_ctx: int, T: int, rounds: int, target: float | None
+                     ) -> list[Row]:
+    """Tokens/s of the store's forward pass (`ModelBackend.run_layers`, one batch of n_ctx contexts of T tokens)
+    against the limit analytic FLOPs / sgemm rate; sgemm is measured on the MLP's own shape, interleaved with the
+    forward passes (best of `rounds` each) so a loaded machine slows both alike."""
+    from bench.models import load_model
+
+    backend = load_model(model, "cpu")
+    cfg = backend.model.cfg
+    g = torch.Generator().manual_seed(5)
+    toks = torch.randint(10, int(cfg.d_vocab) - 1, (n_ctx, T), generator=g)
+    toks[:, 0] = backend.bos_id
+    # sgemm peak: the best rate of the MLP's own shape and a square 1024^3 product (so the bar is not set low)
+    shapes = [(n_ctx * T, cfg.d_model, cfg.d_mlp), (1024, 1024, 1024)]
+    mats = [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)) for m, k, n in shapes]
+    dev = torch.device("cpu")
+    t_fwd, sgemm = float("inf"), 0.0
+    for _ in range(rounds):
+        t_fwd = min(t_fwd, best_time(lambda: backend.run_layers(toks, layers), dev, 1))
+        for (m, k, n), (a, b) in zip(shapes, mats):
+            sgemm = max(sgemm, 2.0 * m * k * n / best_time(lambda: a @ b, dev, 3))
+    per_tok = forward_flops_per_token(cfg, max(layers) + 1, T)
+    tps, limit = n_ctx * T / t_fwd, sgemm / per_tok
+    ratio = tps / limit
+    return [Row(f"extract {model} to L{max(layers)}, {n_ctx}x{T} tokens: tok/s / (sgemm {sgemm / 1e9:.0f} GFLOP/s / "
+                f"{per_tok / 1e6:.0f} MFLOP/tok = {limit:,.0f} tok/s)", f"{ratio:.2f} ({tps:,.0f} tok/s)",
+                f">= {target:.2f}" if target else "(info)", None if target is None else ratio >= target)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_build_device(128, 2000, 2032, 2, dev)
     else:
         rows.append(Row("build throughput on GPU at d=2304, K~20k", "skipped", "(needs CUDA)", None))
+    if q:
+        rows += bench_extraction("tiny-gemma2", [3], 8, 64, rounds=2, target=None)
+    else:  # the full suite's extraction: SmolLM2-135M to layer 12, the store's batch of 32 contexts of 128 tokens
+        rows += bench_extraction("smollm2-135m", [4, 8, 12], 32, 128, rounds=3, target=0.6)
 
     w = max(len(r.check) for r in rows)
     print(f"{'check':<{w}}  {'measured':>14}  {'target':>12}  verdict")
