@@ -15,6 +15,7 @@ Implements `/work/shared/spec/exemplar-partitioning.md` (Rumbelow 2026) from the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -67,6 +68,8 @@ class EPConfig(MethodConfig):
     chunk_rows: int = 4096  # rows per chunk of exemplar search / assign (also capped by SIM_BUDGET_ELEMS / K)
     leader_block: int = 1024  # rows per block of the within-batch leader walk
     compute_dtype: str = "float32"  # "float64" reproduces a float64 reference bit-for-bit in decisions (tests)
+    tf32: bool = False  # opt-in TF32 matmuls in discovery's exemplar search (CUDA Ampere+; no effect on CPU);
+    # calibration stays fp32, so theta is unchanged; bench.device_check reports whether any decision changed
 
     def __post_init__(self) -> None:
         if isinstance(self.percentiles, (int, float)):
@@ -98,6 +101,28 @@ class EPConfig(MethodConfig):
 
 def _device(cfg: EPConfig) -> torch.device:
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matmuls on TF32 tensor cores inside the block when `enabled` (CPU matmuls are untouched)."""
+    if not enabled:
+        yield
+        return
+    mm = torch.backends.cuda.matmul
+    new_api = hasattr(mm, "fp32_precision")  # torch >= 2.9; the legacy flag must not be mixed with it
+    prev = mm.fp32_precision if new_api else mm.allow_tf32
+    if new_api:
+        mm.fp32_precision = "tf32"
+    else:
+        mm.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            mm.fp32_precision = prev
+        else:
+            mm.allow_tf32 = prev
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -820,7 +845,8 @@ class ExemplarPartitioning(Method):
                     ctx, pos = batch.context_ids.to(dev), batch.positions.to(dev)
                     shared_s = time.perf_counter() - t0 + read_s  # reading and centring serve every builder
                     for b in active:
-                        b.step(u, ctx, pos, batch.n_tokens)
+                        with tf32_matmuls(cfg.tf32):
+                            b.step(u, ctx, pos, batch.n_tokens)
                         b.seconds += shared_s
                         b.flops += 3.0 * len(u) * u.shape[1]
                 if all(b.done for b in builders.values()):
