@@ -4,9 +4,13 @@ Two ways to get an SAE over one hook:
 - **pretrained**: `SAEConfig(release="gemma-scope-2b-pt-res-canonical", sae_id="layer_{layer}/width_16k/canonical")`
   loads through `sae_lens.SAE.from_pretrained` (sae-lens' own hub loaders and weight conversions) and refuses an
   SAE whose recorded model, hook or width d does not match the store.
-- **trained**: `SAEConfig(architecture="topk", width=4096, k=32, training_tokens=...)` trains an sae-lens training
-  SAE with sae-lens' own `SAETrainer`, fed from `store.batches(layer)` through sae-lens' `mixing_buffer`, then
-  converts it to sae-lens' inference form (TopK decoder norms folded; BatchTopK saved as JumpReLU).
+- **trained**: `SAEConfig(architecture="topk", width=4096, k=32)` trains an sae-lens training SAE with the steps of
+  sae-lens' own `SAETrainer`, fed from `store.batches(layer)` through sae-lens' `mixing_buffer`, until held-out
+  convergence (the stopping rule in `SAEConfig`: converge_* fields; caps training_tokens / max_epochs), then
+  converts it to sae-lens' inference form (TopK decoder norms folded; BatchTopK saved as JumpReLU). The training
+  pool is the store minus its held-out tail (heldout_frac of contexts), or with `token_budget` the store prefix
+  EP reads first. The artefact keeps the training curve (info["training"]["curve"]), why it stopped, the budget
+  (info["budget"]) and the final held-out explained variance (info["explained_variance"]).
 
 Either way the artefact keeps only plain tensors (W_enc [d, K], W_dec [K, d], b_enc, b_dec, threshold for
 JumpReLU) plus JSON info, and encodes with its own torch code, so reading a saved artefact needs no sae-lens.
@@ -16,16 +20,17 @@ JumpReLU) plus JSON info, and encodes with its own torch code, so reading a save
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from methods.base import Artefact, Method, MethodConfig
-from methods.common import PeakMemory
+from methods.common import PeakMemory, stream_rows, tokens_behind
 
 if TYPE_CHECKING:
     from bench.store import ActivationStore
@@ -62,14 +67,24 @@ class SAEConfig(MethodConfig):
     architecture: str = "topk"  # topk | batchtopk (saved as JumpReLU) | jumprelu (quadratic L0 penalty around k)
     width: int = 4096  # number of latents K
     k: int = 32  # active latents per row (topk), mean per row (batchtopk), target L0 (jumprelu)
-    training_tokens: int = 2_000_000  # activation rows to train on (the store is looped over as often as needed)
-    lr: float = 3e-4  # Adam learning rate: constant, then linear decay to 0 over the last lr_decay_frac of steps
-    lr_decay_frac: float = 0.2  # fraction of steps in the final decay (sae-lens' lr_decay_steps)
+    training_tokens: int = 2_000_000  # cap on rows trained on (the pool is looped over as often as needed)
+    max_epochs: float | None = None  # cap on passes over the training pool (None: only training_tokens caps)
+    converge_tol: float = 0.01  # stop once held-out NMSE improved by < this fraction over the last window; 0: cap
+    converge_window: float = 0.1  # the window: this fraction of the steps taken so far
+    converge_min_steps: int = 200  # the rule is checked from this step on (early steps can stall for a while)
+    eval_every: int = 0  # steps between held-out evaluations (curve points); 0: cap steps / 100
+    heldout_frac: float = 0.1  # the store's last contexts (store order) held out of training, for the stopping rule
+    heldout_max_rows: int = 8192  # held-out rows evaluated (the first of the held-out tail)
+    token_budget: int | None = None  # train only on the store prefix of this many tokens (stream order, as EP reads)
+    dense_threshold: float = 0.1  # a latent active on more than this fraction of held-out rows counts as dense
+    init_b_dec: str = "mean"  # mean: b_dec starts at the training pool's mean; zeros: sae-lens' default
+    lr: float = 3e-4  # Adam learning rate: constant until the stopping rule, then linear decay to 0
+    lr_decay_frac: float = 0.2  # the decay's share of the run: converged at step s, decay s * f / (1 - f) steps
     batch_rows: int = 4096  # rows per optimiser step
     buffer_rows: int = 65_536  # sae-lens mixing buffer: rows shuffled together before batches are served
     l0_coefficient: float = 1.0  # jumprelu only: weight of the L0 penalty
     dead_feature_window: int = 1000  # steps without firing before a latent counts as dead (TopK aux loss)
-    normalize_activations: str = "none"  # or expected_average_only_in (scale to norm sqrt(d); folded in at the end)
+    normalize_activations: str = "expected_average_only_in"  # rows scaled to mean norm sqrt(d), folded in; or none
     seed: int = 0  # weight init, store shuffle and mixing-buffer order
     device: str | None = None  # None: CUDA when available
     progress: bool = True  # our per-batch row bar (sae-lens' trainer shows its own, updated every 100 steps)
@@ -91,6 +106,21 @@ class SAEConfig(MethodConfig):
         if self.normalize_activations not in NORMALIZATIONS:
             raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, "
                              f"got {self.normalize_activations!r}")
+        if self.converge_tol < 0 or not 0 < self.converge_window < 1 or min(self.eval_every,
+                                                                             self.converge_min_steps) < 0:
+            raise ValueError(f"need converge_tol >= 0, 0 < converge_window < 1, eval_every >= 0 and "
+                             f"converge_min_steps >= 0, got {self.converge_tol}, {self.converge_window}, "
+                             f"{self.eval_every}, {self.converge_min_steps}")
+        if not 0 < self.heldout_frac < 1 or self.heldout_max_rows < 1:
+            raise ValueError(f"need 0 < heldout_frac < 1 and heldout_max_rows >= 1, got {self.heldout_frac}, "
+                             f"{self.heldout_max_rows}")
+        if (self.max_epochs is not None and self.max_epochs <= 0) or (
+                self.token_budget is not None and self.token_budget <= 0):
+            raise ValueError(f"max_epochs and token_budget must be > 0 when set, got {self.max_epochs}, "
+                             f"{self.token_budget}")
+        if self.init_b_dec not in ("mean", "zeros") or not 0 < self.dense_threshold < 1:
+            raise ValueError(f"need init_b_dec in (mean, zeros) and 0 < dense_threshold < 1, got "
+                             f"{self.init_b_dec!r}, {self.dense_threshold}")
 
 
 class SAEArtefact(Artefact):
@@ -377,31 +407,78 @@ def _arch_info(sae: Any, arch: str) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class _Meter:
-    rows: int = 0  # rows served to the trainer
-    tokens: int = 0  # tokens (BOS included) behind the store batches read
+    rows: int = 0  # rows served to the trainer (the normalisation estimate included)
+    tokens: int = 0  # tokens (BOS included) behind the training rows read from the store
     store_passes: int = 0  # completed passes over the store
 
 
-def _store_batches(store: "ActivationStore", layer: int, seed: int, meter: _Meter) -> Iterator[torch.Tensor]:
-    """Endless activation rows: one shuffled pass over the store after another (shuffle seed + pass index)."""
+class _Split(NamedTuple):
+    """Which store contexts train and which are held out (context ids in store order)."""
+
+    train_contexts: int  # the training pool is contexts [0, train_contexts)
+    train_rows: int
+    train_tokens: int  # rows + one BOS per context
+    heldout_first: int  # held-out contexts are [heldout_first, n_contexts): the store's tail, never trained on
+    heldout_contexts: int
+    heldout_rows: torch.Tensor  # [<= heldout_max_rows, d] float32, the first rows of the held-out tail
+    train_mean: torch.Tensor  # [d] float64 mean of the training pool (b_dec init)
+
+
+def _split(cfg: SAEConfig, store: "ActivationStore", layer: int) -> _Split:
+    """One pass in store order: per-context row counts, the pool's mean, and the held-out tail's rows."""
+    n_ctx = store.n_contexts
+    if n_ctx < 2:
+        raise ValueError(f"store {store.id} has {n_ctx} context(s); SAE training needs >= 2 so one can be held "
+                         "out: extract more tokens")
+    heldout_first = n_ctx - max(1, round(cfg.heldout_frac * n_ctx))
+    rows_per_ctx = torch.zeros(n_ctx, dtype=torch.int64)
+    sums = torch.zeros(heldout_first, store.d_model, dtype=torch.float64)
+    held: list[torch.Tensor] = []
+    n_held = 0
+    for x_ND, ctx_N in stream_rows(store, layer):
+        rows_per_ctx += torch.bincount(ctx_N, minlength=n_ctx)
+        train = ctx_N < heldout_first
+        sums.index_add_(0, ctx_N[train], x_ND[train].double())
+        if n_held < cfg.heldout_max_rows and not bool(train.all()):
+            held.append(x_ND[~train][: cfg.heldout_max_rows - n_held])
+            n_held += held[-1].shape[0]
+    tokens_per_ctx = rows_per_ctx + 1  # one BOS per context
+    if cfg.token_budget is None:
+        train_contexts = heldout_first
+    else:
+        # The store prefix in stream order: whole contexts while their tokens fit the budget (EP reads this order).
+        train_contexts = int((tokens_per_ctx.cumsum(0) <= cfg.token_budget).sum())
+        before_heldout = int(tokens_per_ctx[:heldout_first].sum())
+        if train_contexts > heldout_first or train_contexts == 0:
+            raise ValueError(f"token_budget={cfg.token_budget} must cover at least one context "
+                             f"({int(tokens_per_ctx[0])} tokens) and at most the {before_heldout} tokens before "
+                             f"store {store.id}'s held-out tail; change token_budget or heldout_frac, or extract "
+                             "more tokens")
+    train_rows = int(rows_per_ctx[:train_contexts].sum())
+    if train_rows < cfg.batch_rows:
+        raise ValueError(f"the training pool holds {train_rows} rows, fewer than batch_rows={cfg.batch_rows}; "
+                         "lower batch_rows or raise token_budget / extract more tokens")
+    return _Split(train_contexts, train_rows, int(tokens_per_ctx[:train_contexts].sum()), heldout_first,
+                  n_ctx - heldout_first, torch.cat(held), sums[:train_contexts].sum(0) / train_rows)
+
+
+def _pool_batches(store: "ActivationStore", layer: int, train_contexts: int, seed: int,
+                  meter: _Meter) -> Iterator[torch.Tensor]:
+    """Endless training rows: shuffled passes (seed + pass index) over the store, keeping contexts < train_contexts."""
     while True:
-        got = False
-        for batch in store.batches(layer, shuffle_seed=seed + meter.store_passes):
-            got = True
-            meter.tokens += batch.n_tokens
-            yield batch.acts
-        if not got:
-            raise ValueError(f"store {store.id} has no rows at layer {layer}; extract a non-empty corpus")
+        for x_ND, ctx_N in stream_rows(store, layer, shuffle_seed=seed + meter.store_passes):
+            keep = ctx_N < train_contexts
+            if bool(keep.any()):
+                meter.tokens += tokens_behind(ctx_N[keep])
+                yield x_ND[keep]
         meter.store_passes += 1
 
 
-def _checked(batches: Iterator[torch.Tensor], meter: _Meter, bar: Any) -> Iterator[torch.Tensor]:
-    """Refuse non-finite rows; count rows served and advance the progress bar once per batch."""
+def _counted(batches: Iterator[torch.Tensor], meter: _Meter, bar: Any) -> Iterator[torch.Tensor]:
+    """Count the rows served (normalisation estimate included) and advance the progress bar."""
     for b in batches:
-        if not torch.isfinite(b).all():
-            raise ValueError("activation rows contain NaN/inf; re-extract the store (or drop the bad contexts)")
         meter.rows += b.shape[0]
-        bar.update(min(b.shape[0], bar.total - bar.n))
+        bar.update(b.shape[0])
         yield b
 
 
@@ -413,6 +490,11 @@ def training_flops(rows: int, width: int, d: int) -> float:
     The TopK auxiliary loss (dead latents only) and elementwise work are not counted.
     """
     return 12.0 * rows * width * d
+
+
+def eval_flops(rows: int, width: int, d: int) -> float:
+    """Analytic FLOPs of one held-out evaluation: encoder and decoder forward, 4 * rows * width * d."""
+    return 4.0 * rows * width * d
 
 
 def _training_sae(cfg: SAEConfig, d: int, device: str, store: "ActivationStore", layer: int) -> Any:
@@ -446,25 +528,81 @@ def _to_inference(training_sae: Any) -> Any:
     return sae.to("cpu")
 
 
+class HeldoutStats(NamedTuple):
+    """An SAE's reconstruction and sparsity on held-out rows."""
+
+    nmse: float  # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    explained_variance: float  # 1 - nmse
+    mean_l0: float  # active latents per row
+    dense_fraction: float  # latents active on more than dense_threshold of the rows
+    never_fired_fraction: float  # latents active on none of the rows
+
+
 @torch.no_grad()
-def _fit_stats(art: SAEArtefact, store: "ActivationStore", layer: int, max_rows: int = 16_384) -> dict[str, float]:
-    """In-sample explained variance, mean L0 and never-firing latents on up to max_rows store rows."""
-    rows, seen = [], 0
-    for batch in store.batches(layer, shuffle_seed=10_007):
-        rows.append(batch.acts)
-        seen += batch.acts.shape[0]
-        if seen >= max_rows:
-            break
-    x = torch.cat(rows)[:max_rows]
-    f = art.encode(x)
-    err = (x - art.decode(f)).pow(2).sum()
-    var = (x - x.mean(0)).pow(2).sum()
-    return {"explained_variance": float(1 - err / var), "mean_l0": float((f > 0).float().sum(1).mean()),
-            "frac_latents_never_fired": float(((f > 0).sum(0) == 0).float().mean()), "eval_rows": int(x.shape[0])}
+def heldout_stats(encode: Any, decode: Any, x_ND: torch.Tensor, dense_threshold: float,
+                  chunk: int = 4096) -> HeldoutStats:
+    """Held-out reconstruction and sparsity of an encode/decode pair, in row chunks to bound memory."""
+    err = active = fires = 0.0
+    for i in range(0, x_ND.shape[0], chunk):
+        x = x_ND[i : i + chunk]
+        f = encode(x)
+        err += float((x - decode(f)).pow(2).sum())
+        on = f != 0
+        active += float(on.sum())
+        fires = fires + on.sum(0)
+    n = x_ND.shape[0]
+    var = float((x_ND.double() - x_ND.double().mean(0)).pow(2).sum())
+    nmse = err / var if var > 0 else float("inf")
+    rate = fires / n
+    return HeldoutStats(nmse, 1.0 - nmse, active / n, float((rate > dense_threshold).float().mean()),
+                        float((rate == 0).float().mean()))
+
+
+def _eval_training_sae(trainer: Any, x_ND: torch.Tensor, dense_threshold: float) -> HeldoutStats:
+    """Held-out stats of the SAE as it would be saved now (sae-lens' inference conversion), on scaled rows."""
+    inference = _to_inference(trainer.sae).to(x_ND.device)
+    scaled = trainer.activation_scaler(x_ND)  # NMSE and EV do not change under a common scaling of x and x_hat
+    return heldout_stats(inference.encode, inference.decode, scaled, dense_threshold)
+
+
+class _Convergence:
+    """Stopping rule: the best held-out NMSE of the last `window` of steps is < `tol` below the earlier best."""
+
+    def __init__(self, tol: float, window: float, eval_every: int, min_steps: int):
+        self.tol, self.window, self.eval_every, self.min_steps = tol, window, eval_every, min_steps
+        self.points: list[tuple[int, float]] = []  # (step, held-out NMSE)
+
+    def add(self, step: int, nmse: float) -> str | None:
+        """Record an eval point; returns why training has converged, or None."""
+        self.points.append((step, nmse))
+        # The window must span at least one eval interval, so the check starts at step eval_every / window.
+        if self.tol <= 0 or step < self.min_steps or step * self.window < self.eval_every:
+            return None
+        start = step - step * self.window
+        # Best so far, not the last point, so one noisy evaluation neither stops nor prolongs the run.
+        before = min(v for s, v in self.points if s <= start)
+        within = min(v for s, v in self.points if s > start)
+        gain = (before - within) / before if before > 0 else 0.0
+        if gain < self.tol:
+            return (f"converged: best held-out NMSE of steps {math.floor(start) + 1}-{step} (the last "
+                    f"{100 * self.window:g}% of steps) is {100 * gain:.2f}% below the best before "
+                    f"(< {100 * self.tol:g}%)")
+        return None
+
+
+def _linear_decay(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """lr falls linearly from its current value to 0 over `steps` optimiser steps."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / steps))
 
 
 def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEArtefact:
-    """Train an sae-lens SAE with sae-lens' SAETrainer on rows streamed from the store."""
+    """Train an sae-lens SAE with sae-lens' SAETrainer on store rows until held-out convergence or the cap.
+
+    Steps go through the trainer's own `step` (optimiser, lr schedule, dead-latent tracking, TopK aux loss), the
+    loop around it is `SAETrainer.fit`'s plus held-out evaluation and the stopping rule in `SAEConfig`.
+    """
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.mixing_buffer import mixing_buffer
     from sae_lens.training.sae_trainer import SAETrainer
@@ -473,51 +611,151 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
     d, device = store.d_model, _device(cfg.device)
     meter = _Meter()
     t0 = time.perf_counter()
+    split = _split(cfg, store, layer)
+    cap_rows = cfg.training_tokens if cfg.max_epochs is None else \
+        min(cfg.training_tokens, math.ceil(cfg.max_epochs * split.train_rows))
+    cap_steps = max(1, cap_rows // cfg.batch_rows)
+    decay_cap = round(cfg.lr_decay_frac * cap_steps)  # steps kept for the final decay when the cap is reached
+    eval_every = cfg.eval_every or max(1, cap_steps // 100)
+    heldout = split.heldout_rows.to(device)
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    bar = tqdm(total=cfg.training_tokens, unit="row", unit_scale=True, disable=not cfg.progress,
+    bar = tqdm(unit="row", unit_scale=True, disable=not cfg.progress,
                desc=f"train {cfg.architecture} SAE w{cfg.width} on {store.model} L{layer}")
+    curve: dict[str, list[float | None]] = {name: [] for name in CURVE_COLUMNS}
+    stop_reason, decay_start, eval_seconds, n_evals = "", None, 0.0, 0
     with PeakMemory(device) as mem, torch.random.fork_rng(devices=cuda_devices):
         # fork_rng keeps the seeding (init, mixing-buffer randperm) local to this fit
         torch.manual_seed(cfg.seed)
         sae = _training_sae(cfg, d, device, store, layer)
-        batches = mixing_buffer(cfg.buffer_rows, cfg.batch_rows, _store_batches(store, layer, cfg.seed, meter))
-        rows = _checked(batches, meter, bar)
+        rows = _counted(mixing_buffer(cfg.buffer_rows, cfg.batch_rows,
+                                      _pool_batches(store, layer, split.train_contexts, cfg.seed, meter)), meter, bar)
         trainer_cfg = SAETrainerConfig(
-            total_training_samples=cfg.training_tokens, train_batch_size_samples=cfg.batch_rows, lr=cfg.lr,
-            lr_end=cfg.lr, lr_decay_steps=int(cfg.lr_decay_frac * (cfg.training_tokens // cfg.batch_rows)),
-            device=device, dead_feature_window=cfg.dead_feature_window,
+            total_training_samples=cap_steps * cfg.batch_rows, train_batch_size_samples=cfg.batch_rows, lr=cfg.lr,
+            lr_end=cfg.lr, lr_decay_steps=0, device=device, dead_feature_window=cfg.dead_feature_window,
             logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, save_final_checkpoint=False,
-            n_batches_for_norm_estimate=max(1, min(1000, cfg.training_tokens // cfg.batch_rows // 10)),
+            n_batches_for_norm_estimate=max(1, min(1000, split.train_rows // cfg.batch_rows)),
         )
         trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=rows)
-        t_train = time.perf_counter()
+        trainer.sae.to(device)
+        if cfg.normalize_activations == "expected_average_only_in":  # as SAETrainer.fit does before its loop
+            trainer.activation_scaler.estimate_scaling_factor(d, rows, trainer_cfg.n_batches_for_norm_estimate)
+        if cfg.init_b_dec == "mean":
+            # sae-lens starts b_dec at 0; the residual stream's mean is far from 0 (norm ~ the rows' spread), and
+            # Adam moves b_dec by about lr per step, so without this the SAE spends its steps learning the offset.
+            mean = split.train_mean.float().to(device)
+            trainer.sae.b_dec.data.copy_(trainer.activation_scaler(mean[None])[0])
+        convergence = _Convergence(cfg.converge_tol, cfg.converge_window, eval_every, cfg.converge_min_steps)
+        window_loss: list[float] = []
+
+        def evaluate() -> str | None:
+            nonlocal eval_seconds, n_evals
+            te = time.perf_counter()
+            trainer.sae.eval()
+            s = _eval_training_sae(trainer, heldout, cfg.dense_threshold)
+            trainer.sae.train()
+            eval_seconds += time.perf_counter() - te
+            n_evals += 1
+            step = trainer.n_training_steps
+            point = {"step": step, "rows": trainer.n_training_samples,
+                     "epoch": trainer.n_training_samples / split.train_rows,
+                     "train_loss": sum(window_loss) / len(window_loss) if window_loss else None,  # None before step 1
+                     "heldout_nmse": s.nmse, "heldout_explained_variance": s.explained_variance,
+                     "l0": s.mean_l0, "dead_fraction": float(trainer.dead_neurons.float().mean()),
+                     "dense_fraction": s.dense_fraction, "lr": trainer.optimizer.param_groups[0]["lr"]}
+            for name in CURVE_COLUMNS:
+                curve[name].append(point[name])
+            bar.set_postfix(step=step, epoch=f"{point['epoch']:.1f}", heldout_ev=f"{s.explained_variance:.4f}",
+                            l0=f"{s.mean_l0:.1f}")
+            window_loss.clear()
+            return convergence.add(step, s.nmse) if decay_start is None else None
+
+        evaluate()
+        end = cap_steps
         try:
-            trainer.fit()
+            while trainer.n_training_steps < end:
+                trainer.maybe_reset_sparsity()
+                window_loss.append(float(trainer.step(next(rows)).loss.detach()))
+                trainer.n_training_steps += 1
+                step = trainer.n_training_steps
+                if step % eval_every == 0 or step == end:
+                    why = evaluate()
+                    if step == end and not stop_reason:
+                        stop_reason = f"cap: {cap_steps} steps ({_cap_text(cfg, cap_rows, split.train_rows)})"
+                    if why and decay_start is None:
+                        stop_reason, decay_start = why, step
+                        end = min(cap_steps, step + round(step * cfg.lr_decay_frac / (1 - cfg.lr_decay_frac)))
+                if decay_start is None and step >= cap_steps - decay_cap and decay_cap > 0:
+                    decay_start = step  # not converged: the last lr_decay_frac of the cap decays the lr
+                if decay_start == step and end > step:
+                    trainer.lr_scheduler = _linear_decay(trainer.optimizer, end - step)
         finally:
             bar.close()
-        t_train = time.perf_counter() - t_train
+        if trainer.n_training_steps % eval_every and curve["step"][-1] != trainer.n_training_steps:
+            evaluate()
         dead = int(trainer.dead_neurons.sum())
+        _finish_like_fit(trainer)
         inference = _to_inference(trainer.sae)
     wall = time.perf_counter() - t0
     arch = inference.cfg.architecture()
+    steps, trained = trainer.n_training_steps, trainer.n_training_samples
+    converged = stop_reason.startswith("converged")
+    flops_train = training_flops(trained, cfg.width, d)
+    flops_eval = n_evals * eval_flops(heldout.shape[0], cfg.width, d)
+    budget = {"mode": "token_budget" if cfg.token_budget is not None else "converged",
+              "token_budget": cfg.token_budget, "pool_tokens": split.train_tokens, "pool_rows": split.train_rows,
+              "pool_contexts": split.train_contexts, "rows_trained": trained, "epochs": trained / split.train_rows}
     info = _common_info(store, layer)
     info.update(
         source="trained", training_architecture=cfg.architecture, sae_model_name=store.model,
         sae_hook_name=store.hook_name(layer), **_arch_info(inference, arch),
-        label=f"sae:{cfg.architecture}-w{cfg.width}-k{cfg.k}",
-        training={"rows": trainer.n_training_samples, "steps": trainer.n_training_steps,
-                  "store_passes": meter.store_passes, "train_seconds": t_train,
-                  "rows_per_second": trainer.n_training_samples / t_train,
-                  "dead_latents_at_end": dead, "flops_formula": "12 * rows * width * d",
-                  "trainer": "sae_lens.training.sae_trainer.SAETrainer"},
+        label=f"sae:{cfg.architecture}-w{cfg.width}-k{cfg.k}" + (
+            f"-tokens{cfg.token_budget}" if cfg.token_budget is not None else ""),
+        budget=budget,
+        training={"rows": trained, "steps": steps, "epochs": trained / split.train_rows,
+                  "store_passes": meter.store_passes, "converged": converged, "stop_reason": stop_reason,
+                  "criterion": CONVERGENCE_RULE.format(tol=100 * cfg.converge_tol, window=100 * cfg.converge_window,
+                                                       every=eval_every, min_steps=cfg.converge_min_steps),
+                  "lr_decay_start_step": decay_start, "eval_every": eval_every, "cap_steps": cap_steps,
+                  "heldout": {"contexts": [split.heldout_first, split.heldout_first + split.heldout_contexts],
+                              "rows": int(heldout.shape[0]),
+                              "what": "the store's last heldout_frac of contexts (store order), never trained on"},
+                  "dense_threshold": cfg.dense_threshold, "dead_latents_at_end": dead,
+                  "train_seconds": wall - eval_seconds, "eval_seconds": eval_seconds, "evals": n_evals,
+                  "rows_per_second": trained / max(wall - eval_seconds, 1e-9),
+                  "flops_train": flops_train, "flops_eval": flops_eval,
+                  "flops_formula": "12 * rows_trained * width * d + evals * 4 * heldout_rows * width * d",
+                  "trainer": "sae_lens.training.sae_trainer.SAETrainer", "curve": curve},
         published_training_tokens=None,
-        cost={"rows": meter.rows, "tokens": meter.tokens,
-              "flops": training_flops(trainer.n_training_samples, cfg.width, d),
+        cost={"rows": meter.rows, "tokens": meter.tokens, "flops": flops_train + flops_eval,
               "wall_seconds": wall, "peak_memory_bytes": mem.peak, "device": device},
     )
     art = SAEArtefact(cfg, _tensors_of(inference, arch), info)
-    art.info["fit_stats"] = _fit_stats(art, store, layer)
+    final = heldout_stats(art.encode, art.decode, split.heldout_rows, cfg.dense_threshold)
+    art.info.update(explained_variance=final.explained_variance, heldout_nmse=final.nmse, mean_l0=final.mean_l0,
+                    dense_fraction=final.dense_fraction, never_fired_fraction=final.never_fired_fraction)
     return art
+
+
+CURVE_COLUMNS = ("step", "rows", "epoch", "train_loss", "heldout_nmse", "heldout_explained_variance", "l0",
+                 "dead_fraction", "dense_fraction", "lr")
+CONVERGENCE_RULE = ("stop when the best held-out NMSE of the last {window:g}% of steps is less than {tol:g}% below "
+                    "the best before them "
+                    "(checked every {every} steps from step {min_steps}), then decay lr linearly to 0 over "
+                    "lr_decay_frac of the run; or at the cap (training_tokens rows / max_epochs)")
+
+
+def _cap_text(cfg: SAEConfig, cap_rows: int, pool_rows: int) -> str:
+    epochs = f", max_epochs={cfg.max_epochs:g}" if cfg.max_epochs is not None else ""
+    return (f"{cap_rows} rows = {cap_rows / pool_rows:.2f} epochs of the pool; "
+            f"training_tokens={cfg.training_tokens}{epochs}")
+
+
+def _finish_like_fit(trainer: Any) -> None:
+    """What SAETrainer.fit does after its loop: fold the activation scaling into the weights, record metadata."""
+    if trainer.activation_scaler.scaling_factor is not None:
+        trainer.sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+        trainer.activation_scaler.scaling_factor = None
+    trainer.set_final_sae_metadata()
 
 
 class SAEMethod(Method):
