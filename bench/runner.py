@@ -157,6 +157,8 @@ class ModelContext:
             kw: dict[str, Any] = {}
             if name in ("wordnet", "bbc"):
                 kw["per_concept"] = s.concept_examples
+                if s.concept_test_examples:
+                    kw["test_examples"] = s.concept_test_examples
             if name == "wordnet" and s.max_concepts:
                 kw["n_concepts"] = s.max_concepts
             out[name] = get_concept_set(name, seed=s.seed, **kw)

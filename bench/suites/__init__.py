@@ -98,7 +98,11 @@ class Suite:
     ctx_len: int = 128
     concept_sets: list[str] = field(default_factory=lambda: ["wordnet", "bbc"])
     concept_examples: int = 20  # per concept and category and split (wordnet/bbc)
+    concept_test_examples: int | None = None  # wordnet/bbc: exactly this many test examples per concept and
+    # category (train up to as many) instead of concept_examples; 50 gives wordnet 40 concepts, bbc 5
     max_concepts: int | None = None
+    # names in bench.prompts.PROMPT_SETS (e.g. country_capital, country_continent, country_demonym,
+    # country_language) or user files PATH.jsonl (prompt, target, contrast per line)
     prompt_sets: list[str] = field(default_factory=lambda: ["capitals", "city_country", "city_continent"])
     ood_sets: list[str] = field(default_factory=lambda: ["random_tokens", "shuffled_words"])
     side_effect_texts: int = 16  # unrelated texts for KL side effects and loss recovered
