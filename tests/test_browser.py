@@ -3,6 +3,8 @@ site driven in a real headless Chromium (search a token, open a card, see shaded
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import math
 import os
@@ -53,7 +55,7 @@ def site(tmp_path_factory):
 
 def _cards(out: Path, aid: str) -> list[dict]:
     files = sorted((out / "data" / "f" / aid).glob("*.js"), key=lambda p: int(p.stem))
-    return [c for f in files for c in _js_args(f)[2]]
+    return [c for f in files for c in json.loads(gzip.decompress(base64.b64decode(_js_args(f)[2])))]
 
 
 def _index(out: Path) -> dict:
@@ -107,12 +109,12 @@ def test_matches_and_concepts_agree_with_the_runs_own_metric_rows(site):
     rows = pd.read_parquet(run_dir / "rows.parquet")
     ep = next(a for a in src.artefacts if a.method == "ep")
     sae = next(a for a in src.artefacts if a.method == "sae")
-    sae_id = artefact_id(src.model, src.layer, sae)
+    sae_pos = [a["id"] for a in _index(out)["artefacts"]].index(artefact_id(src.model, src.layer, sae))
     cards = _cards(out, artefact_id(src.model, src.layer, ep))
     # the correspondence cell saved each live EP region's best F1 against the SAE: the card's match is that F1
     (extra,) = run_dir.glob(f"extras/correspondence_*_{ep.name.replace(':', '_')}.npy")
     f1_metric = np.sort(np.load(extra))
-    f1_cards = [next((m[2] for m in c["match"] if m[0] == sae_id), 0.0) for c in cards]
+    f1_cards = [next((m[2] for m in c["match"] if m[0] == sae_pos), 0.0) for c in cards]
     live = np.sort([f for f in f1_cards if f > 0])
     np.testing.assert_allclose(live, f1_metric[f1_metric > 0], atol=1e-3)
     # concepts: the mean of the cards' test AUROCs is the run's detection.auroc for the artefact
@@ -164,3 +166,15 @@ def test_the_site_works_in_headless_chromium(site):
 def test_bad_target_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a run"):
         browse(str(tmp_path / "nothing"), results_dir=tmp_path)
+
+
+def test_browse_an_artefact_directory(site, tmp_path):
+    out, _, src, _, _ = site
+    art = next(a for a in src.artefacts if a.method == "pca")
+    path = art.save(tmp_path / "pca")
+    site_dir = browse(str(path), config=BrowseConfig(top_contexts=2))
+    assert site_dir == path / "browser"
+    (entry,) = _index(site_dir)["artefacts"]
+    assert entry["K"] == art.K and entry["metrics"] == {}  # no run, no rows
+    cards = _cards(site_dir, entry["id"])
+    assert len(cards) == art.K and all(len(c["top"]) <= 2 for c in cards)

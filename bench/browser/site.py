@@ -3,12 +3,15 @@
 The site is plain HTML/CSS/JS (bench/browser/static) plus data written as JavaScript files, because a page
 opened from disk (file://) may not fetch JSON: `data/index.js` (every dictionary, its headline metrics, and per
 feature a label token and the concepts that select it) loads with the page; each block of `shard_features`
-feature cards is `data/f/<artefact>/<block>.js`, injected as a <script> only when a card of that block opens.
+feature cards is `data/f/<artefact>/<block>.js` (gzipped JSON as base64), injected as a <script> only when a
+card of that block opens, and the store contexts it shows come in blocks of CONTEXT_BLOCK the same way.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import gzip
 import json
 import math
 import re
@@ -24,6 +27,7 @@ from bench.browser.cards import CardConfig, best_matches, concept_picks, sample_
 from methods.base import Artefact, load_artefact
 
 STATIC = Path(__file__).parent / "static"
+CONTEXT_BLOCK = 32  # store contexts per data file (a card loads the blocks of the contexts it shows)
 HEADLINE = ("retrieval.precision@10", "detection.auroc", "probing.onehot_retention", "ood.auroc",
             "correspondence.mean_best_f1", "recon.explained_variance", "recon.loss_recovered",
             "stability.direction.mean_cos")
@@ -174,9 +178,17 @@ class _Tokens:
     def use(self, model: str, ids: list[int]) -> None:
         self.used.setdefault(model, set()).update(ids)
 
+    def show(self, store: Any, model: str, cid: int) -> None:
+        """Ship context `cid` whole (its block of contexts loads with the cards that show it)."""
+        shown = self.shown.setdefault(store.id, set())
+        if cid not in shown:
+            shown.add(cid)
+            self.use(model, self.context(store, cid))
+
 
 def _ep_members(art: Artefact, store: Any, tokens: _Tokens, model: str, k: int, cfg: BrowseConfig,
                 member_ctx: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Member count, coherence, distance mean / std and closest / farthest members as [context, position, distance]."""
     t = art.tensors
     n = float(t["member_count"][k])
     mean = float(t["dist_sum"][k]) / max(n, 1.0)
@@ -185,13 +197,10 @@ def _ep_members(art: Artefact, store: Any, tokens: _Tokens, model: str, k: int, 
     for kind in ("closest", "farthest"):
         items = []
         for j in range(min(cfg.members, member_ctx[kind].shape[1])):
-            cid, pos = int(member_ctx[kind][k, j]), int(t[f"{kind}_position"][k, j])
-            if cid < 0:
-                continue
-            toks = tokens.context(store, cid)
-            a, b = max(1, pos - cfg.before), min(len(toks), pos + cfg.after + 1)
-            tokens.use(model, toks[a:b])
-            items.append([_num(t[f"{kind}_distance"][k, j]), toks[a:b], pos - a])
+            cid = int(member_ctx[kind][k, j])
+            if cid >= 0:
+                tokens.show(store, model, cid)
+                items.append([cid, int(t[f"{kind}_position"][k, j]), _num(t[f"{kind}_distance"][k, j])])
         out[kind[:5]] = items
     return out
 
@@ -210,14 +219,17 @@ def _label_tokens(art: Artefact, top, store: Any, tokens: _Tokens, model: str) -
 
 
 def _headline(rows: Any, model: str, layer: int, name: str) -> dict[str, Any]:
+    """The run's value of each HEADLINE metric for one dictionary (rows already on one concept set)."""
     if rows is None:
         return {}
     d = rows[(rows["model"] == model) & (rows["layer"] == layer) & (rows["method"] == name)]
     return {m: _num(d.loc[d["metric"] == m, "value"].mean(), 3) for m in HEADLINE if (d["metric"] == m).any()}
 
 
-def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any) -> tuple[list[dict], dict]:
-    """The index entries and the cards ({artefact id: [card, ...]}) of one model and layer."""
+def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
+                offset: int = 0) -> tuple[list[dict], dict]:
+    """The index entries and the cards ({artefact id: [card, ...]}) of one model and layer; `offset` is the
+    position of this layer's first dictionary in the site's list (matches refer to dictionaries by position)."""
     ids = [artefact_id(src.model, src.layer, a) for a in src.artefacts]
     sample = sample_rows(src.store, src.layer, cfg.sample_contexts)
     sets = top_sets(src.artefacts, src.match_inputs, src.match_unit, cfg.match_top_n)
@@ -229,7 +241,7 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any)
         for j, other in enumerate(src.artefacts):
             if other.method != art.method:
                 best, f1 = best_matches(sets[i], sets[j])
-                matches.append((ids[j], best, f1))
+                matches.append((offset + j, best, f1))  # index of the other dictionary in the site
         picks: dict[int, list] = {}
         concept_index: dict[str, int] = {}
         for name, (cs, acts) in src.concepts.items():
@@ -247,7 +259,7 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any)
                 "top": [[int(top.context[k, t]), int(top.start[k, t]), int(top.peak[k, t]), _num(top.value[k, t]),
                          top.digits[k][t]] for t in range(top.context.shape[1]) if top.context[k, t] >= 0],
                 "hist": [_num(hist.lo[k]), _num(hist.hi[k]), hist.counts[k].tolist(), int(hist.zeros[k]), hist.rows],
-                "match": [[oid, int(best[k]), _num(f1[k], 3)] for oid, best, f1 in matches if best[k] >= 0],
+                "match": [[j, int(best[k]), _num(f1[k], 3)] for j, best, f1 in matches if best[k] >= 0],
                 "concepts": picks.get(k, []),
             }
             if art.method == "ep":
@@ -255,9 +267,7 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any)
             feats.append(card)
         for k in range(art.K):
             for c in feats[k]["top"]:
-                toks = tokens.context(src.store, c[0])
-                tokens.use(src.model, toks)
-                tokens.shown.setdefault(src.store.id, set()).add(c[0])
+                tokens.show(src.store, src.model, c[0])
         cost = art.cost
         entries.append({
             "id": aid, "model": src.model, "layer": src.layer, "name": art.name, "method": art.method,
@@ -289,6 +299,13 @@ def _js(path: Path, call: str, *args: Any) -> int:
     return len(text.encode())
 
 
+def _js_packed(path: Path, call: str, key: str, block: int, obj: Any) -> int:
+    """Write `EPB.<call>(key, block, "<base64 of gzipped JSON>")`: cards compress ~4x; the page inflates them
+    with the browser's own DecompressionStream (no library, no network)."""
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _js(path, call, key, block, base64.b64encode(gzip.compress(raw, 9, mtime=0)).decode())
+
+
 def _token_text(tokenizer: Any, ids: list[int]) -> dict[str, str]:
     if tokenizer is None:
         return {str(i): f"#{i}" for i in ids}
@@ -307,18 +324,20 @@ def write_site(out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: A
     tokenizers: dict[str, Any] = {}
     for src in sources:
         tokenizers[src.model] = src.tokenizer
-        e, cards = layer_cards(src, cfg, tokens, rows)
+        e, cards = layer_cards(src, cfg, tokens, rows, offset=len(entries))
         entries += e
         for aid, feats in cards.items():
             for b in range(0, len(feats), cfg.shard_features):
-                _js(data / "f" / aid / f"{b // cfg.shard_features}.js", "shard", aid, b // cfg.shard_features,
-                    feats[b:b + cfg.shard_features])
+                _js_packed(data / "f" / aid / f"{b // cfg.shard_features}.js", "shard", aid,
+                           b // cfg.shard_features, feats[b:b + cfg.shard_features])
     for model, used in tokens.used.items():
         _js(data / "vocab" / f"{_safe(model)}.js", "vocab", model, _token_text(tokenizers.get(model), sorted(used)))
     for sid, shown in tokens.shown.items():
-        ctxs = tokens.contexts[sid]
-        _js(data / "contexts" / f"{_safe(sid)}.js", "contexts", sid, {str(c): ctxs[c] for c in sorted(shown)})
-    index = {"title": title, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "meta": meta or {},
+        ctxs, blocks = tokens.contexts[sid], sorted({c // CONTEXT_BLOCK for c in shown})
+        for b in blocks:
+            _js(data / "contexts" / _safe(sid) / f"{b}.js", "contexts", sid, b,
+                {str(c): ctxs[c] for c in sorted(shown) if c // CONTEXT_BLOCK == b})
+    index = {"title": title, "context_block": CONTEXT_BLOCK, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "meta": meta or {},
              "config": dataclasses.asdict(cfg), "artefacts": entries, "headline": list(HEADLINE)}
     _js(data / "index.js", "index", index)
     for name in ("index.html", "app.js", "style.css"):
@@ -341,12 +360,16 @@ def browse(target: str, out: str | Path | None = None, config: BrowseConfig | No
     kind, path = resolve_target(target, results_dir)
     rows, meta = None, {}
     if kind == "run":
-        from bench.report import load_rows
+        from bench.report.common import load_rows, load_run_info
+        from bench.report.tables import on_concept_set, primary_concept_set
 
         sources = run_sources(path, cfg)
-        rows = load_rows(path) if (path / "rows.parquet").exists() or (path / "rows.csv").exists() else None
         run = json.loads((path / "run.json").read_text())
         meta = {k: run.get(k) for k in ("run_id", "suite", "git_commit", "started", "finished")}
+        if (path / "rows.parquet").exists() or (path / "rows.csv").exists():
+            rows = load_rows(path)
+            meta["concept_set"] = primary_concept_set(rows, load_run_info(path))
+            rows = on_concept_set(rows, meta["concept_set"])
     else:
         sources = artefact_sources(path, cfg)
         if not sources:

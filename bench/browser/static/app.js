@@ -4,10 +4,16 @@
 const EPB = (window.EPB = { data: null, byId: {}, shards: {}, vocabs: {}, ctx: {}, pending: {} });
 
 EPB.index = (d) => { EPB.data = d; d.artefacts.forEach((a) => { EPB.byId[a.id] = a; }); start(); };
-EPB.shard = (aid, block, cards) => { EPB.shards[aid + "/" + block] = cards; };
+EPB.shard = (aid, block, packed) => { EPB.shards[aid + "/" + block] = inflate(packed); };
 EPB.vocab = (model, map) => { EPB.vocabs[model] = map; };
-EPB.contexts = (store, map) => { EPB.ctx[store] = map; };
+EPB.contexts = (store, block, map) => { Object.assign(EPB.ctx[store] ||= {}, map); };
 
+// Card blocks are gzipped JSON in base64: decoded by the browser's own DecompressionStream (no fetch involved).
+async function inflate(b64) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const text = await new Response(new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"))).text();
+  return JSON.parse(text);
+}
 function safe(name) { return name.replace(/[^A-Za-z0-9_.=-]+/g, "_"); }
 function load(src) {
   if (!EPB.pending[src]) {
@@ -92,8 +98,8 @@ function renderIndex() {
     ${mets.map((m) => `<td class="num">${fmt(a.metrics[m])}</td>`).join("")}</tr>`).join("");
   const table = document.getElementById("table");
   table.innerHTML = `<table id="artefacts"><tr>${head}</tr>${body}</table>
-    <p class="muted">${arts.length} dictionaries; click one for its features. Metrics are the run's rows
-    (concept metrics averaged over the run's concept sets).</p>`;
+    <p class="muted">${arts.length} dictionaries; click one for its features. Metrics are the run's own rows${
+    EPB.data.meta.concept_set ? ` (concept metrics on the ${esc(EPB.data.meta.concept_set)} concept set)` : ""}.</p>`;
   table.querySelectorAll("tr.art").forEach((tr) => tr.addEventListener("click", (e) => {
     if (e.target.tagName !== "A") location.hash = "#/a/" + encodeURIComponent(tr.dataset.id);
   }));
@@ -144,8 +150,12 @@ async function getCard(aid, k) {
   if (!a) throw new Error("no dictionary " + aid + " in this site");
   if (!(k >= 0 && k < a.K)) throw new Error(`${a.name} has features 0..${a.K - 1}, not ${k}`);
   const block = Math.floor(k / a.shard);
-  await Promise.all([load(`data/f/${safe(aid)}/${block}.js`), load(`data/contexts/${safe(a.store)}.js`)]);
-  return [a, EPB.shards[aid + "/" + block][k - block * a.shard]];
+  await load(`data/f/${safe(aid)}/${block}.js`);
+  const card = (await EPB.shards[aid + "/" + block])[k - block * a.shard];
+  const ids = card.top.map((t) => t[0]).concat(card.ep ? card.ep.close.concat(card.ep.farth).map((m) => m[0]) : []);
+  const blocks = unique(ids.map((c) => Math.floor(c / EPB.data.context_block)));
+  await Promise.all(blocks.map((b) => load(`data/contexts/${safe(a.store)}/${b}.js`)));
+  return [a, card];
 }
 
 async function cardsView(main, which) {
@@ -173,7 +183,8 @@ function histogram(h) {
   if (lo === null) return `<p class="muted">never non-zero on the ${rows} sampled tokens</p>`;
   const W = 320, H = 70, m = Math.max(...counts, 1), bw = W / counts.length;
   const bars = counts.map((c, i) => `<rect x="${i * bw + 1}" y="${H - (c / m) * H}" width="${bw - 2}" height="${(c / m) * H}"><title>${c}</title></rect>`).join("");
-  const note = zeros ? ` · fires on ${fmt((100 * (rows - zeros)) / rows)}% of ${rows} tokens (zeros not drawn)` : ` · ${rows} tokens`;
+  const note = zeros ? `fires on ${fmt((100 * (rows - zeros)) / rows)}% of ${rows} sampled tokens (zeros not drawn)` :
+    `all ${rows} sampled tokens`;
   return `<svg class="hist" width="${W}" height="${H + 14}">${bars}<text x="0" y="${H + 12}">${fmt(lo)}</text>
     <text x="${W}" y="${H + 12}" text-anchor="end">${fmt(hi)}</text></svg><div class="muted">${note}</div>`;
 }
@@ -186,13 +197,17 @@ function renderCard(a, c) {
   }).join("") || `<p class="muted">no sampled context activates it</p>`;
   let ep = "";
   if (c.ep) {
-    const mem = (xs) => xs.map(([d, ids, at]) => `<div class="member"><span class="dist">d = ${fmt(d)}</span>${tokens(a, ids, null, at)}</div>`).join("");
+    const { before, after } = EPB.data.config;
+    const mem = (xs) => xs.map(([cid, pos, d]) => {
+      const from = Math.max(1, pos - before), ids = (ctxs[cid] || []).slice(from, pos + after + 1);
+      return `<div class="member"><span class="dist">d = ${fmt(d)}</span>${tokens(a, ids, null, pos - from)}</div>`;
+    }).join("");
     ep = `<div class="stats"><span>members ${c.ep.n}</span><span>coherence ${fmt(c.ep.coh)}</span>
       <span>θ ${fmt(a.theta)}</span><span>distance ${fmt(c.ep.dmean)} ± ${fmt(c.ep.dstd)}</span></div>
       <h3>Closest members</h3>${mem(c.ep.close)}<h3>Farthest members</h3>${mem(c.ep.farth)}`;
   }
-  const matches = c.match.map(([oid, k, f1]) => {
-    const o = EPB.byId[oid];
+  const matches = c.match.map(([oi, k, f1]) => {
+    const o = EPB.data.artefacts[oi], oid = o.id;
     const cmp = a.method === "ep" && o.method === "sae" ?
       ` <a class="cmp" href="#/cmp/${encodeURIComponent(a.id)}/${c.k}/${encodeURIComponent(oid)}/${k}">side by side</a>` : "";
     return `<tr><td>${esc(o.name)}</td><td><a class="match" href="#/f/${encodeURIComponent(oid)}/${k}">#${k} ${esc(label(o, k))}</a>${cmp}</td>
