@@ -1,4 +1,5 @@
-"""Concept sets: balance, split disjointness, no overlap with the build stream, determinism, AxBench loading."""
+"""Concept sets: balance, split disjointness, no overlap with the build stream, determinism, the 50-test-example
+sizes and their summary, truncation counts, AxBench loading and the user's jsonl/csv files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from bench.concepts import (
     bbc_topics,
     get_concept_set,
     load_axbench,
+    load_concept_file,
     wordnet_lexnames,
 )
 from bench.corpora import LEXNAMES, get_corpus, wordnet_synsets
@@ -199,3 +201,131 @@ def test_load_axbench_bad_inputs(tmp_path):
 
 def test_categories_constant():
     assert CATEGORIES == ("positive", "negative", "hard negative")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes: 50 test examples per class, summary, truncation
+
+
+@pytest.fixture(scope="module")
+def wn50():
+    return wordnet_lexnames(test_examples=50)
+
+
+def test_wordnet_fifty_test_examples_per_class(wn50, stream_units):
+    _check_structure(wn50)
+    eval_count = {}
+    for syn in wordnet_synsets("eval"):
+        eval_count[syn.lexname] = eval_count.get(syn.lexname, 0) + 1
+    # oracle: every lexname with >= 60 held-out glosses (50 test + 10 train) is a concept
+    assert len(wn50.concepts) >= 40
+    assert set(wn50.concepts) <= {lex for lex, n in eval_count.items() if n >= 60}
+    counts = wn50.counts()
+    test = counts.xs("test", level="split")
+    assert (test.values == 50).all()  # positives, negatives and hard negatives
+    train = counts.xs("train", level="split")
+    assert (train.values >= 10).all() and (train.values <= 50).all()
+    assert not set(wn50.texts()) & stream_units[0]  # still disjoint from the build stream
+    s = wn50.summary()
+    assert s.n_concepts == len(wn50.concepts) and s.short_concepts == [] and s.target_test == 50
+    assert s.min_per_class["test"] == {c: 50 for c in CATEGORIES}
+    assert s.total_per_class["test"]["positive"] == 50 * len(wn50.concepts)
+    assert s.total_per_class["train"]["negative"] == int(train["negative"].sum())
+    assert s.n_texts == len(wn50.texts()) and s.n_examples == len(wn50.examples)
+    assert s.to_dict()["min_per_class"]["train"]["positive"] == int(train["positive"].min())
+
+
+def test_bbc_fifty_test_examples_and_short_summary():
+    b = bbc_topics(test_examples=50)
+    _check_structure(b)
+    assert (b.counts().values == 50).all()
+    small = wordnet_lexnames(n_concepts=3, per_concept=10)
+    s = small.summary()
+    assert s.short_concepts == small.concepts and s.min_per_class["test"]["positive"] == 5
+
+
+def test_count_truncated_matches_a_direct_count(wn):
+    from bench.models import byte_tokenizer
+
+    texts = wn.texts()
+    words = wn.count_truncated(lambda t: t.split(), ctx_len=12)  # a function text -> ids
+    expect = sum(len(t.split()) > 11 for t in texts)  # a context holds BOS + ctx_len - 1 tokens
+    assert (words.n_texts, words.n_truncated) == (len(texts), expect) and 0 < expect < len(texts)
+    assert words.share == pytest.approx(expect / len(texts))
+    assert words.max_tokens == max(len(t.split()) for t in texts)
+    tok = wn.count_truncated(byte_tokenizer(), ctx_len=64)  # a Hugging Face tokenizer: one token per byte
+    assert tok.n_truncated == sum(len(t.encode()) > 63 for t in texts)
+    assert tok.to_dict()["ctx_len"] == 64
+    with pytest.raises(ValueError, match="ctx_len"):
+        wn.count_truncated(byte_tokenizer(), ctx_len=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's own files
+
+
+def _user_rows():
+    rows = []
+    for c in ("cats", "boats"):
+        for split in ("train", "test"):
+            rows += [{"text": f"{c} {split} pos {i}", "concept": c, "category": "positive", "split": split}
+                     for i in range(3)]
+            rows += [{"text": f"{c} {split} neg {i}", "concept": c, "category": "negative", "split": split}
+                     for i in range(2)]
+            rows.append({"text": f"{c} {split} hard", "concept": c, "category": "hard_negative", "split": split})
+    return rows
+
+
+def _write_user(path, rows, fmt):
+    if fmt == "jsonl":
+        path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n",
+                        encoding="utf-8")
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_user_concept_file(tmp_path, fmt):
+    rows = _user_rows()
+    path = _write_user(tmp_path / f"mine.{fmt}", rows, fmt)
+    cs = get_concept_set(f"{fmt}:{path}")
+    _check_structure(cs)
+    assert cs.name == f"{fmt}:mine" and cs.concepts == ["cats", "boats"]
+    counts = cs.counts()
+    assert (counts["positive"] == 3).all() and (counts["negative"] == 2).all()
+    assert (counts["hard negative"] == 1).all()  # hard_negative in the file
+    got = sorted(zip(cs.examples.text, cs.examples.concept, cs.examples.split))
+    assert got == sorted((r["text"], r["concept"], r["split"]) for r in rows)
+    assert cs.summary().min_per_class["test"] == {"positive": 3, "negative": 2, "hard negative": 1}
+    assert load_concept_file(path).examples.equals(cs.examples)
+
+
+def test_user_concept_file_errors(tmp_path):
+    rows = _user_rows()
+
+    def fails(name, content, match, fmt="jsonl"):
+        path = _write_user(tmp_path / f"{name}.{fmt}", content, fmt)
+        with pytest.raises(ValueError, match=match):
+            get_concept_set(f"{fmt}:{path}")
+
+    fails("nocol", [{k: v for k, v in r.items() if k != "split"} for r in rows], r"nocol\.jsonl:1: missing column")
+    fails("nocolcsv", [{k: v for k, v in r.items() if k != "concept"} for r in rows],
+          r"nocolcsv\.csv:1: missing column\(s\) \['concept'\]", fmt="csv")
+    fails("cat", rows[:4] + [{**rows[4], "category": "neutral"}], r"cat\.jsonl:5: unknown category 'neutral'")
+    fails("catcsv", rows[:4] + [{**rows[4], "category": "neutral"}], r"catcsv\.csv:6: unknown category", fmt="csv")
+    fails("split", [{**rows[0], "split": "dev"}], r"split\.jsonl:1: unknown split 'dev'")
+    fails("empty", [r for r in rows if not (r["concept"] == "boats" and r["split"] == "test"
+                                            and r["category"] == "positive")],
+          r"empty\.jsonl: concept 'boats' has no positive examples in the test split")
+    fails("twosplits", rows + [{**rows[0], "split": "test"}], r"twosplits\.jsonl:\d+: this text is also in the train")
+    fails("json", rows[:2] + ["{not json"], r"json\.jsonl:3: not a JSON object")
+    fails("blank", [{**rows[0], "text": "  "}], r"blank\.jsonl:1: empty text")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,concept,category,split\n".encode() + b"caf\xe9,c,positive,train\n")
+    with pytest.raises(ValueError, match=r"latin\.csv:2: not UTF-8"):
+        get_concept_set(f"csv:{latin}")
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        get_concept_set(f"jsonl:{tmp_path / 'absent.jsonl'}")
+    with pytest.raises(ValueError, match="jsonl:/path/file.jsonl"):
+        get_concept_set("parquet:x")
