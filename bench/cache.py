@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,6 +111,15 @@ def _read_memo(memo_path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return memo if isinstance(memo, dict) else {}
+
+
+def safe_name(label: str, limit: int = 60) -> str:
+    """One path component for a label: no separators or odd characters (a data path inside a label must not nest
+    folders), at most `limit` characters, long labels shortened with a hash of the whole so they stay unique."""
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", label).strip("._") or "unnamed"
+    if len(name) > limit:
+        name = f"{name[: limit - 11]}-{hashlib.sha256(label.encode()).hexdigest()[:10]}"
+    return name
 
 
 def unique_tmp(path: Path) -> Path:

@@ -153,16 +153,11 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _folder_name(label: str, limit: int = 60) -> str:
-    """One path component for an artefact label: no separators or odd characters (a concept-set path in a label
-    must not nest folders), and long labels shortened with a hash so they stay unique."""
-    import hashlib
-    import re
+def _folder_name(label: str) -> str:
+    """The artefact folder for a label (`ep:p=2` -> `ep_p2`): one short path component, never nested."""
+    from bench.cache import safe_name
 
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace("=", "")).strip("._") or "artefact"
-    if len(name) > limit:
-        name = f"{name[: limit - 11]}-{hashlib.sha256(label.encode()).hexdigest()[:10]}"
-    return name
+    return safe_name(label.replace("=", ""))
 
 
 def _suite_from_args(args: argparse.Namespace):

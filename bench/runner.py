@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.activations import TextActivations
-from bench.cache import atomic_write_text, cache_dir, file_lock, hold_lock, unique_tmp
+from bench.cache import atomic_write_text, cache_dir, file_lock, hold_lock, safe_name, unique_tmp
 from bench.store import ActivationStore, ExtractionRequest, extract, library_versions
 from bench.suites import CROSS_LAYER_FAMILIES, MethodSpec, Suite
 from methods.base import Artefact, ArtefactError, load_artefact
@@ -309,7 +309,7 @@ class ModelContext:
         for L, arts in built.items():
             paths[str(L)] = []
             for i, a in enumerate(arts):
-                rel = f"L{L:02d}/{i:02d}-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', a.name)}"
+                rel = f"L{L:02d}/{i:02d}-{safe_name(a.name)}"  # a concept-set path in a label never nests
                 a.save(root / rel)
                 paths[str(L)].append(rel)
         _atomic_json(root / "index.json", paths)

@@ -161,3 +161,19 @@ def test_artefact_folder_names_never_nest_or_grow_with_paths():
     assert "/" not in name and len(name) <= 60
     assert _folder_name("ep:p=2") == "ep_p2"
     assert _folder_name("x" * 80) != _folder_name("x" * 79 + "y")
+
+
+def test_build_with_an_absolute_concept_path_writes_one_flat_folder(env, tmp_path, monkeypatch, capsys):
+    """`--concepts axbench:/abs/path` used to nest the output folder along the data path."""
+    import bench.runner as runner
+    from methods.diffmean import DiffMeanArtefact, DiffMeanConfig
+
+    label = f"diffmean[axbench:{tmp_path}/a/b/prod_2b_l20_v1]"
+    art = DiffMeanArtefact(DiffMeanConfig(), {"directions": torch.eye(64)[:2], "diff_norms": torch.ones(2)},
+                           {"label": label, "concepts": ["a", "b"]})
+    monkeypatch.setattr(runner.ModelContext, "build", lambda self, spec: {1: [art]})
+    out = tmp_path / "arts"
+    assert main(["build", "--method", "diffmean", "--model", "tiny-gemma2", "--layer", "1", "--corpus", env,
+                 "--tokens", "600", "--ctx-len", "32", "--out", str(out)]) == 0
+    (cfg,) = out.rglob("cfg.json")
+    assert cfg.parent.parent == out / "tiny-gemma2" / "L01" and len(cfg.parent.name) <= 60
