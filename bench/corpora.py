@@ -386,19 +386,18 @@ class EmbeddedCorpus:
 
     def fingerprint(self) -> dict:
         """Name, params, number of docs and sha256 of the texts in order (cached per source stamp)."""
-        from bench.cache import cache_dir
+        from bench.cache import atomic_write_text, cache_dir
 
         path = cache_dir() / "corpus-fingerprints" / f"{self.name}-{self._source_stamp()}.json"
         if path.exists():
             try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
-                pass
+                fp = json.loads(path.read_text())
+                if isinstance(fp, dict) and {"name", "params", "n_docs", "sha256"} <= set(fp):
+                    return fp
+            except (OSError, UnicodeDecodeError, ValueError):
+                pass  # a damaged cache entry is recomputed and rewritten below
         fp = self._corpus.fingerprint()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(fp))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(fp))  # unique temporary name: concurrent runs never clash
         return fp
 
 

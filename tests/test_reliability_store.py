@@ -151,3 +151,15 @@ def test_a_10_mb_single_line_document_is_cheap_for_a_small_budget(tmp_path, monk
     store = extract(ExtractionRequest(model="tiny-gemma2", layers=[1], corpus=f"jsonl:{p}", tokens=2000,
                                       ctx_len=64), root=tmp_path / "s", progress=False)
     assert time.time() - t0 < 20 and 2000 <= store.n_tokens < 2100
+
+
+@pytest.mark.parametrize("entry", ["[]", '{"name": "bbc"}', '{"na'])
+def test_a_malformed_cached_corpus_fingerprint_is_recomputed(tmp_path, monkeypatch, entry):
+    from bench import corpora
+
+    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path))
+    fresh = corpora.get_corpus("bbc", seed=3).fingerprint()
+    (cached,) = (tmp_path / "corpus-fingerprints").glob("bbc-*.json")
+    cached.write_text(entry)
+    assert corpora.get_corpus("bbc", seed=3).fingerprint() == fresh
+    assert json.loads(cached.read_text()) == fresh
