@@ -111,7 +111,7 @@ def test_too_few_units_gives_no_verdict(tmp_path):
 
 
 def test_claims_refusal_not_testable_on_a_compliant_model_and_saturation():
-    row = {"method": "model", "model": "m", "layer": 8, "metric": "refusal.baseline_rate", "value": 0.05,
+    row = {"method": "model", "model": "m", "layer": 8, "metric": "refusal.baseline.harmful_rate", "value": 0.05,
            "n": 40, "detail": "harmful", "seed": 0}
     df = rows_table([{"method_family": "", "rows": [row]}])
     c = claim_refusal(df)

@@ -22,7 +22,7 @@ ROW_FIELDS = ("method", "method_config", "model", "layer", "metric", "value", "c
               "supervised", "detail")
 FAMILY_ORDER = ("ep", "sae", "kmeans", "pca", "random", "diffmean")  # method families, in table order
 METRIC_FAMILY_ORDER = ("build", "retrieval", "detection", "probing", "correspondence", "ood", "causal", "recon",
-                       "cost", "stability")  # metric families, in report order; unknown ones follow, sorted
+                       "cost", "stability", "refusal")  # metric families, in report order; unknown ones follow, sorted
 MAIN_METRIC = {  # the metric plotted for each family (others: the family's first metric)
     "build": "build.K", "retrieval": "retrieval.precision@10", "detection": "detection.auroc",
     "probing": "probing.onehot_retention", "correspondence": "correspondence.share_f1>0.5", "ood": "ood.auroc",

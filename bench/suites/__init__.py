@@ -14,6 +14,7 @@ from typing import Any
 
 METRIC_FAMILIES = (
     "build", "retrieval", "detection", "probing", "ood", "causal", "recon", "cost", "correspondence", "stability",
+    "refusal",
 )
 # Families computed once per (model, method spec) across all layers rather than per layer.
 CROSS_LAYER_FAMILIES = ("stability",)
