@@ -130,7 +130,7 @@ class ModelContext:
     def store(self) -> ActivationStore:
         s = self.suite
         req = ExtractionRequest(model=self.model_name, layers=s.layers, corpus=s.corpus, tokens=s.store_tokens,
-                                ctx_len=s.ctx_len, seed=s.seed)
+                                ctx_len=s.ctx_len, seed=s.seed, dtype=s.store_dtype)
         return extract(req, progress=self.progress, device=s.device)
 
     def text_store(self, name: str, texts: list[str]) -> ActivationStore:

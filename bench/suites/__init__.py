@@ -96,6 +96,7 @@ class Suite:
     metrics: list[str] = field(default_factory=lambda: list(METRIC_FAMILIES))
     corpus: str = "default"  # build stream
     store_tokens: int = 60_000  # activation rows the methods are built on (tokens, BOS included)
+    store_dtype: str = "float32"  # storage dtype of the build store (float16 halves the disk of a large store)
     ctx_len: int = 128
     concept_sets: list[str] = field(default_factory=lambda: ["wordnet", "bbc"])
     concept_examples: int = 20  # per concept and category and split (wordnet/bbc)
