@@ -69,6 +69,10 @@ def _applies(spec: MethodSpec, family: str, suite: Suite) -> bool:
     from methods.registry import get_method
 
     cls = get_method(spec.method)
+    keep = suite.family_artefacts.get(family)
+    if keep is not None and not any(k == spec.label or k.startswith((f"{spec.label}:", f"{spec.label}("))
+                                    for k in keep):
+        return False  # the suite scores none of this spec's artefacts on this family
     if family == "correspondence":
         return spec.method == "ep" and _sae_spec(suite) is not None
     if family == "recon":
