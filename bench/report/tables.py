@@ -52,6 +52,12 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> list[str
         f"a dagger ({DAGGER}) in every table: compare them with unsupervised methods with that in mind. "
         "Published figures appear only in the paper tables, beside ours only where the setting matches."),
         "",
+        ("**Causal effects** are read against the same intervention along a random unit direction of the same norm "
+         "(`control_*`, `delta_vs_control`) and per unit of collateral damage (`effect_per_kl`: the answer's move "
+         "per nat of KL on unrelated text). Steering at 1-2x the mean residual norm already costs several nats of "
+         "KL and lets the random control alone flip many answers, so compare the gentle strength (0.5x, "
+         "`causal.steer.curve.*`) and the per-KL figures, not raw flip rates."),
+        "",
     ]
     return out
 
