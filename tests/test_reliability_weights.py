@@ -131,3 +131,32 @@ def test_weights_that_change_while_loading_are_refused(tmp_path, monkeypatch, ti
     with pytest.raises(StoreError, match="weights of tiny-gemma2 changed while loading"):
         extract(req, root=tmp_path / "s", progress=False)
     assert not os.path.exists(tmp_path / "s") or not list((tmp_path / "s").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_cache_with_10_flipped_w_q_floats_is_detected(tmp_path, monkeypatch):
+    """The issue's case on the real cached file (copied): 10 floats of blocks.1.attn.W_Q flipped."""
+    import shutil
+    import struct
+
+    from bench.cache import cache_dir
+
+    src = cache_dir() / "models" / SMOL
+    if not (src / "tl_config.json").exists():
+        pytest.skip("the smollm2 fp32 cache is not built on this machine")
+    dst = tmp_path / "cache" / "models" / SMOL
+    shutil.copytree(src, dst)
+    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "cache"))
+    meta, problem = models._verified_weights_meta(dst)
+    assert meta is not None, problem
+    f = dst / "model.safetensors"
+    with open(f, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        start = 8 + n + json.loads(fh.read(n))["blocks.1.attn.W_Q"]["data_offsets"][0]
+        for i in range(10):
+            fh.seek(start + 4 * 97 * i)
+            (x,) = struct.unpack("<f", fh.read(4))
+            fh.seek(start + 4 * 97 * i)
+            fh.write(struct.pack("<f", x + 1.0))
+    meta, problem = models._verified_weights_meta(dst)
+    assert meta is None and "does not match the sha256 recorded" in problem
