@@ -151,3 +151,22 @@ def test_sae_path_benchmarks_any_sae_lens_directory_and_cli_export(fitted, tmp_p
         SAEMethod(path=str(tmp_path / "nowhere"), device="cpu").fit(store, LAYER)
     assert main(["export", str(tmp_path / "ep"), "--format", "sae-lens", str(tmp_path / "b"), "--readout", "binary"]) == 2
     assert "cannot be exported" in capsys.readouterr().err
+
+
+def test_diffmean_projection_exports_as_a_two_sided_relu_sae(fitted):
+    from sae_lens import SAE
+
+    from methods.diffmean import DiffMeanArtefact, DiffMeanConfig
+
+    _, _, x, _ = fitted
+    g = torch.Generator().manual_seed(1)
+    dirs = torch.randn(3, x.shape[1], generator=g)
+    art = DiffMeanArtefact(DiffMeanConfig(), {"directions": dirs / dirs.norm(dim=1, keepdim=True),
+                                              "diff_norms": torch.ones(3)}, {"label": "diffmean", "concepts": ["a", "b", "c"]})
+    plan = plan_export(art)
+    sae = SAE.from_dict(plan.cfg)
+    sae.load_state_dict(plan.state)
+    with torch.no_grad():
+        f = sae.encode(x)
+        torch.testing.assert_close(f[:, :3] - f[:, 3:], art.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(f), art.encode(x) @ art.directions, rtol=1e-5, atol=1e-4)
