@@ -10,6 +10,7 @@ family match; anywhere else ours stand alone and the published figures are liste
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 from bench.report.common import (  # noqa: F401  (public names other modules and tests import)
@@ -77,18 +78,40 @@ def list_runs(results_dir: Path = Path("results")) -> list[Path]:
         return []
     runs = [d for d in results_dir.iterdir()
             if d.is_dir() and ((d / "rows.parquet").exists() or (d / "rows.csv").exists())]
-    return sorted(runs, key=_run_time)
+
+    def when(run_dir: Path) -> float:  # one damaged run.json must not stop the listing of every run
+        try:
+            return _run_time(run_dir)
+        except (OSError, ValueError, AttributeError) as e:
+            print(f"[epbench] {run_dir / 'run.json'} is unreadable ({type(e).__name__}); ordering that run by "
+                  "its rows' time", flush=True)
+            return max(f.stat().st_mtime for f in (run_dir / "rows.parquet", run_dir / "rows.csv") if f.exists())
+
+    return sorted(runs, key=when)
 
 
 def report_main(run_id: str | None, results_dir: Path = Path("results")) -> Path:
     """Write the report of run `run_id` (None: the latest run) under results_dir; returns REPORT.md's path."""
+    from bench.runner import verify_tables
+
     runs = list_runs(results_dir)
     if run_id is None:
         if not runs:
             raise FileNotFoundError(f"no runs with rows under {results_dir}; run `epbench run` first")
-        return write_report(runs[-1])
-    run_dir = Path(results_dir) / run_id
-    if not run_dir.is_dir():
-        have = ", ".join(d.name for d in runs) or "none"
-        raise FileNotFoundError(f"no run {run_id!r} under {results_dir} (runs there: {have})")
+        run_dir = runs[-1]
+    else:
+        run_dir = Path(results_dir) / run_id
+        if not run_dir.is_dir():
+            have = ", ".join(d.name for d in runs) or "none"
+            raise FileNotFoundError(f"no run {run_id!r} under {results_dir} (runs there: {have})")
+    info_path = run_dir / "run.json"
+    if info_path.exists():
+        try:
+            if not isinstance(json.loads(info_path.read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{info_path} is corrupted ({e}); rerun the same `epbench run` (its finished cells are "
+                             "kept) to rewrite it, or delete it to report without run metadata") from None
+    if (run_dir / "cells").is_dir():
+        verify_tables(run_dir)  # rows.parquet / rows.csv are derived: checked against the cells, rebuilt if off
     return write_report(run_dir)
