@@ -120,3 +120,33 @@ def test_claims_refusal_not_testable_on_a_compliant_model_and_saturation():
              for m, v in (("build.percentile", 8), ("build.saturated", 1.0), ("build.K", 150), ("build.tokens", 9e4))]
     s = claim_saturation(rows_table([{"method_family": "ep", "rows": build}]))
     assert s.status == REPRODUCED and "saturated" in s.measured
+
+
+def test_report_opens_with_verdicts_and_scorecard_and_marks_undertrained_saes(tmp_path):
+    from bench.report import write_report
+
+    rng = np.random.default_rng(2)
+    concepts = [f"c{i}" for i in range(12)]
+    base = rng.normal(0.7, 0.05, size=12)
+    sae_art = {"name": "sae", "family": "sae", "K": 64, "tokens": 5000, "rows": 4900, "flops": 1e9, "seed": 0,
+               "p": None, "matched_to": None,
+               "quality": {"explained_variance": 0.31, "undertrained": True, "converged": False, "epochs": 2.0,
+                           "stop_reason": "cap"},
+               "training_curve": {"rows": [100, 200], "heldout_explained_variance": [0.1, 0.31], "l0": [4, 4],
+                                  "dead_fraction": [0.5, 0.2], "dense_fraction": [0.0, 0.0]}}
+    cells = [_cell("m", 4, "ep:p=2", "ep", "detection.auroc", dict(zip(concepts, base + 0.2))),
+             _cell("m", 4, "sae", "sae", "detection.auroc", dict(zip(concepts, base)), artefact=sae_art)]
+    build = dict(cells[1]["rows"][0], metric="build.heldout_explained_variance", value=0.31, units=None)
+    cells[1]["rows"].append(build)
+    run = _write(tmp_path, cells)
+    rows = [{**{k: v for k, v in r.items() if k != "units"}, "method_family": c["method_family"], "suite": "t",
+             "cell_id": c["cell_id"], "store_id": "s", "git_commit": "abc", "started": "", "finished": ""}
+            for c in cells for r in c["rows"]]
+    pd.DataFrame(rows).to_parquet(run / "rows.parquet")
+    pd.DataFrame(rows).to_csv(run / "rows.csv", index=False)
+    text = write_report(run).read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections.index("## Verdict") < sections.index("## The paper's claims, scored") < sections.index("## Headline")
+    assert "**better**" in text  # +0.2 on 12 concepts, exact sign-flip p = 2/4096 before Holm
+    assert "sae (EV 0.31) ⚠" in text and "undertrained" in text
+    assert (run / "plots" / "sae_training.png").exists()
