@@ -265,8 +265,8 @@ class ActivationStore:
             data = p.read_bytes()
             expected = self._shards[index]["files"][rel]["sha256"]
             if hashlib.sha256(data).hexdigest() != expected:
-                raise StoreError(f"shard file {p} is corrupted (sha256 mismatch); delete it and rerun the same "
-                                 "`epbench extract` to rebuild it")
+                raise StoreError(f"shard file {p} is corrupted (sha256 mismatch); rerun the same command: "
+                                 "`epbench extract` (and every run, which extracts first) repairs damaged shards")
             self._cache = {k: v for k, v in self._cache.items() if k[0] != kind}
             self._cache[key] = load_bytes(data)
         return self._cache[key]

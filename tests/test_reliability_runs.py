@@ -170,3 +170,26 @@ def test_concurrent_table_writes_use_unique_temporary_names(tmp_path, cache):
         t.join()
     assert not errors and not list(run.dir.glob("*.tmp")) and not list(run.dir.glob(".*.tmp"))
     assert verify_tables(run.dir) is False
+
+
+@pytest.mark.parametrize("damage", ['{"run_id": "r", "sta', "[1, 2]"])
+def test_a_damaged_run_json_is_rewritten_and_the_run_resumes(tmp_path, cache, capsys, damage):
+    run = run_suite(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False, report=False)
+    (run.dir / "run.json").write_text(damage)
+    again = run_suite(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False, report=False)
+    out = capsys.readouterr().out
+    assert "run.json is damaged; rewriting it" in out and "1 already finished" in out
+    assert json.loads((again.dir / "run.json").read_text())["run_id"] == "r"
+
+
+def test_a_bit_flipped_store_is_repaired_by_the_next_run(tmp_path, cache, capsys):
+    first = run_suite(_suite(metrics=("build",)), tmp_path, run_id="a", progress=False, report=False)
+    (store,) = [p.parent for p in cache.glob("stores/*/manifest.json")
+                if json.loads(p.read_text())["request"]["corpus"] == get_suite("smoke").corpus]
+    shard = next(store.glob("L01/*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x08
+    shard.write_bytes(bytes(data))
+    again = run_suite(_suite(metrics=("build",)), tmp_path, run_id="b", progress=False, report=False)
+    assert "needs repair" in capsys.readouterr().out
+    pd.testing.assert_series_equal(_values(again.dir).droplevel(0), _values(first.dir).droplevel(0))
