@@ -425,41 +425,42 @@ class _Split(NamedTuple):
 
 
 def _split(cfg: SAEConfig, store: "ActivationStore", layer: int) -> _Split:
-    """One pass in store order: per-context row counts, the pool's mean, and the held-out tail's rows."""
+    """One pass in store order: the training pool (contexts [0, n) within the budget), its mean, the held-out tail."""
     n_ctx = store.n_contexts
     if n_ctx < 2:
         raise ValueError(f"store {store.id} has {n_ctx} context(s); SAE training needs >= 2 so one can be held "
                          "out: extract more tokens")
     heldout_first = n_ctx - max(1, round(cfg.heldout_frac * n_ctx))
-    rows_per_ctx = torch.zeros(n_ctx, dtype=torch.int64)
-    sums = torch.zeros(heldout_first, store.d_model, dtype=torch.float64)
+    budget = cfg.token_budget
+    pool_contexts = pool_rows = pool_tokens = tokens_before_heldout = 0
+    pool_sum = torch.zeros(store.d_model, dtype=torch.float64)
+    pool_open = True
     held: list[torch.Tensor] = []
     n_held = 0
-    for x_ND, ctx_N in stream_rows(store, layer):
-        rows_per_ctx += torch.bincount(ctx_N, minlength=n_ctx)
-        train = ctx_N < heldout_first
-        sums.index_add_(0, ctx_N[train], x_ND[train].double())
-        if n_held < cfg.heldout_max_rows and not bool(train.all()):
-            held.append(x_ND[~train][: cfg.heldout_max_rows - n_held])
+    for x_ND, ctx_N in stream_rows(store, layer):  # store order: context ids ascend, whole contexts per batch
+        ids, counts = torch.unique_consecutive(ctx_N, return_counts=True)
+        tokens_before_heldout += int((counts[ids < heldout_first] + 1).sum())  # + one BOS per context
+        if pool_open:
+            # The pool grows by whole contexts in stream order (the order EP reads) while they fit the budget.
+            for c, n in zip(ids.tolist(), counts.tolist()):
+                if c >= heldout_first or (budget is not None and pool_tokens + n + 1 > budget):
+                    pool_open = False
+                    break
+                pool_contexts, pool_rows, pool_tokens = c + 1, pool_rows + n, pool_tokens + n + 1
+            pool_sum += x_ND[ctx_N < pool_contexts].double().sum(0)
+        tail = ctx_N >= heldout_first
+        if n_held < cfg.heldout_max_rows and bool(tail.any()):
+            held.append(x_ND[tail][: cfg.heldout_max_rows - n_held])
             n_held += held[-1].shape[0]
-    tokens_per_ctx = rows_per_ctx + 1  # one BOS per context
-    if cfg.token_budget is None:
-        train_contexts = heldout_first
-    else:
-        # The store prefix in stream order: whole contexts while their tokens fit the budget (EP reads this order).
-        train_contexts = int((tokens_per_ctx.cumsum(0) <= cfg.token_budget).sum())
-        before_heldout = int(tokens_per_ctx[:heldout_first].sum())
-        if train_contexts > heldout_first or train_contexts == 0:
-            raise ValueError(f"token_budget={cfg.token_budget} must cover at least one context "
-                             f"({int(tokens_per_ctx[0])} tokens) and at most the {before_heldout} tokens before "
-                             f"store {store.id}'s held-out tail; change token_budget or heldout_frac, or extract "
-                             "more tokens")
-    train_rows = int(rows_per_ctx[:train_contexts].sum())
-    if train_rows < cfg.batch_rows:
-        raise ValueError(f"the training pool holds {train_rows} rows, fewer than batch_rows={cfg.batch_rows}; "
+    if budget is not None and (pool_contexts == 0 or budget > tokens_before_heldout):
+        raise ValueError(f"token_budget={budget} must cover at least one context and at most the "
+                         f"{tokens_before_heldout} tokens before store {store.id}'s held-out tail; change "
+                         "token_budget or heldout_frac, or extract more tokens")
+    if pool_rows < cfg.batch_rows:
+        raise ValueError(f"the training pool holds {pool_rows} rows, fewer than batch_rows={cfg.batch_rows}; "
                          "lower batch_rows or raise token_budget / extract more tokens")
-    return _Split(train_contexts, train_rows, int(tokens_per_ctx[:train_contexts].sum()), heldout_first,
-                  n_ctx - heldout_first, torch.cat(held), sums[:train_contexts].sum(0) / train_rows)
+    return _Split(pool_contexts, pool_rows, pool_tokens, heldout_first, n_ctx - heldout_first, torch.cat(held),
+                  pool_sum / pool_rows)
 
 
 def _pool_batches(store: "ActivationStore", layer: int, train_contexts: int, seed: int,
