@@ -177,3 +177,30 @@ def test_build_with_an_absolute_concept_path_writes_one_flat_folder(env, tmp_pat
                  "--tokens", "600", "--ctx-len", "32", "--out", str(out)]) == 0
     (cfg,) = out.rglob("cfg.json")
     assert cfg.parent.parent == out / "tiny-gemma2" / "L01" and len(cfg.parent.name) <= 60
+
+
+def test_disk_full_during_a_run_is_one_line_and_the_rerun_resumes(env, monkeypatch, capsys, tmp_path):
+    import bench.runner as runner
+
+    real, written = runner.atomic_write_text, []
+
+    def full(path, text):
+        if Path(path).parent.name == "cells" and written:  # the second cell finds the disk full
+            tmp = Path(path).with_name(f".{Path(path).name}.x.tmp")
+            tmp.write_text(text[:10])
+            tmp.unlink()  # what atomic_write_text does on failure
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        if Path(path).parent.name == "cells":
+            written.append(path)
+        return real(path, text)
+
+    monkeypatch.setattr(runner, "atomic_write_text", full)
+    argv = ["run", "--suite", "smoke", "--layers", "1", "--method", "pca", "--metrics", "build", "retrieval",
+            "--results-dir", str(tmp_path / "r"), "--run-id", "x", "--no-report"]
+    assert main(argv) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epbench: error:")]
+    assert "cells/" in line and "No space left on device; free disk space" in line  # progress bars aside
+    cells = tmp_path / "r" / "x" / "cells"
+    assert len(list(cells.glob("*.json"))) == 1 and not list(cells.glob("*.tmp"))
+    monkeypatch.setattr(runner, "atomic_write_text", real)
+    assert main(argv) == 0 and "1 already finished" in capsys.readouterr().out
