@@ -117,6 +117,16 @@ def _ablation_hook(apply: Apply, first_real: torch.Tensor) -> Callable[[torch.Te
     return fn
 
 
+def _left_padded(backend: Any, requests: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat token ids left-padded into one batch [B, T], and each row's BOS index (= its number of pads)."""
+    seqs = [chat_ids(backend, r) for r in requests]
+    width = max(len(s) for s in seqs)
+    toks = torch.full((len(seqs), width), backend.pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        toks[i, width - len(s):] = torch.tensor(s)
+    return toks, torch.tensor([width - len(s) for s in seqs])
+
+
 @torch.no_grad()
 def generate_responses(backend: Any, requests: Sequence[str], max_new_tokens: int = 32, apply: Apply | None = None,
                        hook_name: str | None = None, batch_size: int = 16) -> Responses:
@@ -124,16 +134,17 @@ def generate_responses(backend: Any, requests: Sequence[str], max_new_tokens: in
     at `hook_name` (every position but BOS and padding)."""
     model, tok, texts = backend.model, backend.tokenizer, []
     for lo in range(0, len(requests), batch_size):
-        chats = [chat_text(backend, r) for r in requests[lo:lo + batch_size]]
-        toks = model.to_tokens(chats, prepend_bos=False, padding_side="left")  # as generate() pads them
-        hooks = []
-        if apply is not None:
-            first_real = (toks.ne(tok.pad_token_id).long().cumsum(-1) == 0).sum(-1)  # leading pads = BOS index
-            hooks = [(hook_name, _ablation_hook(apply, first_real))]
-        with model.hooks(fwd_hooks=hooks):
-            out = model.generate(chats if len(chats) > 1 else chats[0], max_new_tokens=max_new_tokens,
-                                 do_sample=False, prepend_bos=False, use_past_kv_cache=True, verbose=False,
-                                 return_type="tokens")
+        toks, first_real = _left_padded(backend, requests[lo:lo + batch_size])
+        hooks = [] if apply is None else [(hook_name, _ablation_hook(apply, first_real))]
+        # generate() masks the pads it finds on its tokenizer's padding side (its own copy of the tokenizer
+        # for models given one through set_tokenizer): ours are on the left.
+        side, model.tokenizer.padding_side = model.tokenizer.padding_side, "left"
+        try:
+            with model.hooks(fwd_hooks=hooks):
+                out = model.generate(toks.to(backend.device), max_new_tokens=max_new_tokens, do_sample=False,
+                                     use_past_kv_cache=True, verbose=False, return_type="tokens")
+        finally:
+            model.tokenizer.padding_side = side
         texts += [tok.decode(row, skip_special_tokens=True) for row in out[:, toks.shape[1]:].tolist()]
     return Responses(texts, np.array([is_refusal(t) for t in texts], dtype=bool))
 
@@ -206,8 +217,12 @@ def refusal_ablation_metrics(artefact: Artefact, backend: Any, prompts: RefusalP
     gen = torch.Generator().manual_seed(cfg.control_seed)
     rand = torch.randn(1, artefact.d_model, generator=gen)
     control = _FixedDirections(rand / rand.norm(), artefact.center.float())
-    feat: Apply = lambda x: artefact.ablate(x, [region])  # noqa: E731
-    ctrl_apply: Apply = lambda x: control.ablate(x, [0])  # noqa: E731
+
+    def feat(x: torch.Tensor) -> torch.Tensor:
+        return artefact.ablate(x, [region])
+
+    def ctrl_apply(x: torch.Tensor) -> torch.Tensor:
+        return control.ablate(x, [0])
 
     n, bs = cfg.max_new_tokens, cfg.batch_size
     before = generate_responses(backend, test.harmful, n, batch_size=bs).refused.astype(float)

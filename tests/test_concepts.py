@@ -322,7 +322,7 @@ def test_user_concept_file_errors(tmp_path):
     fails("json", rows[:2] + ["{not json"], r"json\.jsonl:3: not a JSON object")
     fails("blank", [{**rows[0], "text": "  "}], r"blank\.jsonl:1: empty text")
     latin = tmp_path / "latin.csv"
-    latin.write_bytes("text,concept,category,split\n".encode() + b"caf\xe9,c,positive,train\n")
+    latin.write_bytes(b"text,concept,category,split\n" + b"caf\xe9,c,positive,train\n")
     with pytest.raises(ValueError, match=r"latin\.csv:2: not UTF-8"):
         get_concept_set(f"csv:{latin}")
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):

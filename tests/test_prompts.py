@@ -12,7 +12,6 @@ from bench.prompts import (
     COUNTRY_SETS,
     COUNTRY_TEMPLATES,
     HANDWRITTEN_SETS,
-    PROMPT_SETS,
     CausalPrompt,
     PromptSet,
     _render,
