@@ -662,7 +662,8 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
                      "train_loss": sum(window_loss) / len(window_loss) if window_loss else None,  # None before step 1
                      "heldout_nmse": s.nmse, "heldout_explained_variance": s.explained_variance,
                      "l0": s.mean_l0, "dead_fraction": float(trainer.dead_neurons.float().mean()),
-                     "dense_fraction": s.dense_fraction, "lr": trainer.optimizer.param_groups[0]["lr"]}
+                     "dense_fraction": s.dense_fraction, "never_fired_fraction": s.never_fired_fraction,
+                     "lr": trainer.optimizer.param_groups[0]["lr"]}
             for name in CURVE_COLUMNS:
                 curve[name].append(point[name])
             bar.set_postfix(step=step, epoch=f"{point['epoch']:.1f}", heldout_ev=f"{s.explained_variance:.4f}",
@@ -737,8 +738,10 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
     return art
 
 
+# dead_fraction: sae-lens' definition (no firing in the last dead_feature_window steps, so 0 in runs shorter than
+# the window); never_fired_fraction: active on none of the held-out rows; dense_fraction: on > dense_threshold.
 CURVE_COLUMNS = ("step", "rows", "epoch", "train_loss", "heldout_nmse", "heldout_explained_variance", "l0",
-                 "dead_fraction", "dense_fraction", "lr")
+                 "dead_fraction", "dense_fraction", "never_fired_fraction", "lr")
 CONVERGENCE_RULE = ("stop when the best held-out NMSE of the last {window:g}% of steps is less than {tol:g}% below "
                     "the best before them "
                     "(checked every {every} steps from step {min_steps}), then decay lr linearly to 0 over "

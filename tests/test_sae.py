@@ -207,6 +207,7 @@ def test_training_stops_at_convergence_with_its_curve(topk_art: SAEArtefact) -> 
     assert curve["heldout_explained_variance"][0] < 0.1 and curve["heldout_explained_variance"][-1] > 0.95
     assert curve["heldout_explained_variance"][-1] == pytest.approx(info["explained_variance"], abs=1e-4)
     assert all(v == pytest.approx(2.0) for v in curve["l0"][1:]) and 0 <= max(curve["dead_fraction"]) <= 1
+    assert curve["never_fired_fraction"][-1] == pytest.approx(info["never_fired_fraction"], abs=1 / 32)
     # Held out: the store's tail (10% of 128 contexts), never in the training pool.
     assert tr["heldout"]["contexts"] == [115, 128] and tr["heldout"]["rows"] == 13 * 64
     b = info["budget"]
