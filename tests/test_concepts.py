@@ -329,3 +329,22 @@ def test_user_concept_file_errors(tmp_path):
         get_concept_set(f"jsonl:{tmp_path / 'absent.jsonl'}")
     with pytest.raises(ValueError, match="jsonl:/path/file.jsonl"):
         get_concept_set("parquet:x")
+
+
+def test_cli_user_data_flags(tmp_path, capsys):
+    """--concepts / --prompts replace the suite's data; a bad file fails in one line before any model loads."""
+    from bench.cli import main, with_data
+    from bench.suites import get_suite
+
+    good = _write_user(tmp_path / "good.csv", _user_rows(), "csv")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The sky is", "target": " blue", "contrast": " green"}) + "\n")
+    suite = with_data(get_suite("smoke"), [f"csv:{good}", "bbc"], [str(prompts), "country_capital"])
+    assert suite.concept_sets == [f"csv:{good}", "bbc"] and suite.prompt_sets == [str(prompts), "country_capital"]
+    assert with_data(suite) == suite
+    bad = _write_user(tmp_path / "bad.jsonl", [{**_user_rows()[0], "category": "maybe"}], "jsonl")
+    assert main(["score", "--layer", "1", "--model", "tiny-gemma2", "--concepts", f"jsonl:{bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.jsonl:1: unknown category 'maybe'" in err
+    assert main(["run", "--suite", "smoke", "--prompts", str(tmp_path / "none.jsonl")]) == 2
+    assert "prompt file not found" in capsys.readouterr().err
