@@ -20,6 +20,9 @@ def pytest_addoption(parser):
     group.addoption("--run-id", default=None, help="results/<run-id> (default <suite>-<config hash>)")
     group.addoption("--results-dir", default="results", help="where runs are written")
     group.addoption("--recompute", action="store_true", help="recompute cells finished by an earlier run")
+    group.addoption("--executor", default="local", choices=["local", "ray"],
+                    help="ray: compute the selected cells on a Ray cluster first; the tests then read them back")
+    group.addoption("--address", default=None, help="Ray cluster address for --executor ray (default: start one)")
 
 
 def _suite(config):
@@ -45,6 +48,14 @@ def suite_run(request):
 
     o = request.config.option
     run = Run(_suite(request.config), o.results_dir, o.run_id, force=o.recompute, progress=False)
+    if o.executor != "local":
+        from bench.executors import run_cells
+
+        selected = [item.callspec.params["cell"] for item in request.session.items
+                    if hasattr(item, "callspec") and "cell" in item.callspec.params]
+        # a cell that fails on the cluster leaves no file: its test recomputes it here and fails with its error
+        run_cells(run, [c for c in selected if not run.is_done(c)], o.executor, address=o.address, progress=False,
+                  raise_on_failure=False)
     yield run
     run.finish()
     from bench.report import write_report

@@ -103,7 +103,13 @@ def diff_rows(reference: str | Path, other: str | Path, rtol: float = 0.0, atol:
             raise FileNotFoundError(f"{path} is missing: run the suite into {d} first (epbench run ...)")
         df = pd.read_parquet(path)
         df = df[~df["metric"].isin(ignore)]
-        return {tuple(r[k] for k in ROW_KEY): r for r in df.to_dict("records")}
+        out: dict[tuple, dict[str, Any]] = {}
+        seen: dict[tuple, int] = {}
+        for r in df.to_dict("records"):
+            key = tuple(r[k] for k in ROW_KEY)
+            seen[key] = seen.get(key, 0) + 1  # a repeated key is compared in order, never overwritten
+            out[(*key, seen[key])] = r
+        return out
 
     a, b = load(reference), load(other)
     mismatched = []
