@@ -276,6 +276,10 @@ def cmd_browse(args: argparse.Namespace) -> int:
     out = browse(args.target, args.out, cfg, args.results_dir)
     print(f"browser   {out / 'index.html'} ({site_size(out) / 2**20:.1f} MiB, {time.time() - t0:.0f} s); "
           "open it in a browser, no server needed")
+    if args.screenshot:
+        from bench.browser.chromium import screenshot
+
+        print(f"screenshot {screenshot(out, Path(args.screenshot))} (headless Chromium)")
     return 0
 
 
@@ -359,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sample-contexts", type=int, default=128, help="store contexts scanned for top contexts")
     p.add_argument("--top-contexts", type=int, default=5, help="top-activating contexts per feature")
     p.add_argument("--shard-features", type=int, default=256, help="feature cards per lazily loaded file")
+    p.add_argument("--screenshot", default=None, metavar="PNG",
+                   help="also save a PNG of an EP region beside its best SAE match (headless Chromium)")
 
     p = sub.add_parser("export", help="export an artefact to another library's format (sae-lens)")
     p.add_argument("artefact", help="artefact directory (cfg.json + artefact.safetensors)")

@@ -42,3 +42,48 @@ def open_site(drv: Any, site: Path, hash_: str = "", timeout: float = 20.0) -> f
     drv.get((Path(site).resolve() / "index.html").as_uri() + hash_)
     WebDriverWait(drv, timeout).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     return float(drv.execute_script("return EPB.loadMs"))
+
+
+def showcase_hash(site: Path) -> str:
+    """The side-by-side view of an EP region with a close SAE match: of the first EP dictionary's regions with at
+    least 10 members, the one whose best SAE match has the highest F1 (the index page without EP or SAE)."""
+    import base64
+    import gzip
+    import json
+
+    def args(path: Path) -> list:
+        text = path.read_text(encoding="utf-8")
+        return json.loads("[" + text[text.index("(") + 1:text.rindex(")")] + "]")
+
+    arts = args(site / "data" / "index.js")[0]["artefacts"]
+    ep = next((i for i, a in enumerate(arts) if a["method"] == "ep"), None)
+    saes = {i for i, a in enumerate(arts) if a["method"] == "sae"}
+    if ep is None or not saes:
+        return ""
+    best = (-1.0, -1, -1, -1)  # (F1, EP region, SAE dictionary, SAE latent)
+    for f in sorted((site / "data" / "f" / arts[ep]["id"]).glob("*.js")):
+        for card in json.loads(gzip.decompress(base64.b64decode(args(f)[2]))):
+            for j, k, f1 in card["match"]:
+                if j in saes and card["ep"]["n"] >= 10 and (f1 or 0) > best[0]:
+                    best = (f1, card["k"], j, k)
+    if best[1] < 0:
+        return ""
+    return f"#/cmp/{arts[ep]['id']}/{best[1]}/{arts[best[2]]['id']}/{best[3]}"
+
+
+def screenshot(site: Path, png: Path, hash_: str | None = None) -> Path:
+    """A PNG of the site (default: `showcase_hash`), e.g. for the README."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="epbench-chromium-") as profile:
+        drv = chromium(profile)
+        try:
+            open_site(drv, site, showcase_hash(site) if hash_ is None else hash_)
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(drv, 20).until(lambda d: d.find_elements("css selector", ".card .ctx, #artefacts"))
+            png.parent.mkdir(parents=True, exist_ok=True)
+            drv.save_screenshot(str(png))
+        finally:
+            drv.quit()
+    return png
