@@ -56,6 +56,8 @@ def suite_run(request):
         # a cell that fails on the cluster leaves no file: its test recomputes it here and fails with its error
         run_cells(run, [c for c in selected if not run.is_done(c)], o.executor, address=o.address, progress=False,
                   raise_on_failure=False)
+    else:
+        run.meta["executor"] = {"name": "local"}
     yield run
     run.finish()
     from bench.report import write_report
