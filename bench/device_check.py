@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import importlib
 import importlib.metadata as md
-import json
 import os
 import re
 import shutil
@@ -131,8 +130,7 @@ def runtime_distributions() -> dict[str, str]:
     for pkg in (methods, metrics):
         for info in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
-    importlib.import_module("sae_lens.training.sae_trainer") if importlib.util.find_spec(
-        "sae_lens.training.sae_trainer") else None
+    importlib.import_module("sae_lens.training.sae_trainer")  # SAE training imports more than `import sae_lens`
     by_module = md.packages_distributions()
     out = {}
     for top in {m.split(".")[0] for m in sys.modules}:
@@ -334,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.device_check", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="device under test (default: cuda; cpu checks CPU against CPU)")
     ap.add_argument("--quick", action="store_true", help="smaller suite and builds (the CPU-only test uses it)")
-    ap.add_argument("--wheelhouse", default="wheelhouse", help="wheels to install what is missing (default ./wheelhouse)")
+    ap.add_argument("--wheelhouse", default="wheelhouse", help="wheels for what is missing (default ./wheelhouse)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["extraction", "smoke", "wide", "benchmarks"])
     ap.add_argument("--build-wheelhouse", metavar="DIR", help="download the wheels a bare GPU machine needs, then exit")
@@ -347,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         total, sizes = build_wheelhouse(Path(args.build_wheelhouse), _read_freeze(args.have), args.python_version)
         for mb, name in sizes[:10]:
             print(f"{mb:8.1f} MiB  {name}")
-        print(f"wheelhouse {args.build_wheelhouse}: {len(sizes)} wheels, {total:.1f} MiB (limit {WHEELHOUSE_LIMIT_MB:g})")
+        print(f"wheelhouse {args.build_wheelhouse}: {len(sizes)} wheels, {total:.1f} MiB "
+              f"(limit {WHEELHOUSE_LIMIT_MB:g})")
         return 0 if total <= WHEELHOUSE_LIMIT_MB else 1
     if args._suite:
         from bench.runner import run_suite

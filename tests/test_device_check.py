@@ -1,8 +1,6 @@
 """The GPU check script's CPU-only path (CPU against CPU), its exemplar-decision check (the TF32 report) and its
 wheelhouse handling, so the script cannot rot on machines without a GPU."""
 
-import dataclasses
-
 import pytest
 import torch
 
