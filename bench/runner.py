@@ -187,6 +187,20 @@ class ModelContext:
         pick = rng.choice(len(texts), size=min(self.suite.side_effect_texts, len(texts)), replace=False)
         return [texts[i] for i in sorted(pick)]
 
+    def data_summary(self) -> dict[str, Any]:
+        """How much evaluation data the cells used so far: per concept set its n and truncated texts, per prompt
+        set the prompts written and kept (answered correctly). Recorded in run.json and printed by the report."""
+        out: dict[str, Any] = {}
+        if "concept_sets" in self.__dict__:
+            out["concept_sets"] = {
+                name: {**cs.summary().to_dict(),
+                       "truncated": cs.count_truncated(self.backend.tokenizer, self.suite.ctx_len).to_dict()}
+                for name, cs in self.concept_sets.items()}
+        if "prompt_sets" in self.__dict__:
+            out["prompt_sets"] = {name: {"written": ps.n_written, "kept": ps.n_kept}
+                                  for name, ps in self.prompt_sets.items()}
+        return out
+
     @cached_property
     def refusal_baseline(self) -> list[MetricRow]:
         """Baseline refusal of the chat model on the harmful and harmless request sets (computed once)."""
@@ -706,6 +720,9 @@ class Run:
             "rows": [r.to_dict() for r in rows],
         }
         _atomic_json(path, record)
+        loaded = {k for k in ("concept_sets", "prompt_sets") if k in ctx.__dict__}  # what this process built
+        if loaded - set(self.meta.get("data", {}).get(cell.model, {})):
+            self.meta.setdefault("data", {})[cell.model] = ctx.data_summary()
         self.meta["wall_seconds"] = float(self.meta.get("wall_seconds", 0.0)) + wall
         _atomic_json(self.dir / "run.json", self.meta)
         self.write_tables()

@@ -36,6 +36,7 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> list[str
         f"layers {', '.join(str(x) for x in sorted(df['layer'].unique()))})"),
         "",
     ]
+    out += data_md(info.get("data") or {})
     if info.get("config"):
         out += ["<details><summary>suite grid (run.json config)</summary>", "", "```json",
                 json.dumps(info["config"], indent=1, sort_keys=True, default=str), "```", "", "</details>", ""]
@@ -59,6 +60,28 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> list[str
          "`causal.steer.curve.*`) and the per-KL figures, not raw flip rates."),
         "",
     ]
+    return out
+
+
+def data_md(data: dict[str, Any]) -> list[str]:
+    """How much evaluation data the run used (run.json `data`): n per concept set and prompt set, truncations."""
+    body, prompts = [], []
+    for model, d in sorted(data.items()):
+        for name, c in (d.get("concept_sets") or {}).items():
+            test = c.get("min_per_class", {}).get("test", {})
+            t = c.get("truncated") or {}
+            body.append([model, name, str(c.get("n_concepts")), str(c.get("n_texts")),
+                         ", ".join(f"{k} {v}" for k, v in test.items()),
+                         f"{t.get('n_truncated', '?')} of {t.get('n_texts', '?')} ({100 * t.get('share', 0):.0f}%)"])
+        prompts += [f"{name} {p.get('kept')} of {p.get('written')}" for name, p in (d.get("prompt_sets") or {}).items()]
+    out = []
+    if body:
+        out += ["**Evaluation data** (test examples per class: the fewest any concept has; texts longer than the "
+                "context are cut to it)", "",
+                md_table(["model", "concept set", "concepts", "texts", "min test examples per class", "truncated"],
+                         body, right=(2, 3)), ""]
+    if prompts:
+        out += [f"**Causal prompts answered correctly** (kept of written): {'; '.join(prompts)}", ""]
     return out
 
 
