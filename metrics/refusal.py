@@ -230,7 +230,7 @@ def refusal_ablation_metrics(artefact: Artefact, backend: Any, prompts: RefusalP
     ctrl = generate_responses(backend, test.harmful, n, ctrl_apply, hook_name, bs).refused.astype(float)
     harmless_after = generate_responses(backend, test.harmless, n, feat, hook_name, bs).refused.astype(float)
     detail = (f"region {region} of {artefact.K} chosen on {len(train.harmful)} train pairs; hook {hook_name}; "
-              f"{len(test.harmful)} held-out harmful prompts; greedy {n} tokens")
+              f"{len(test.harmful)} held-out pairs (harmless ones only in harmless_ablated_rate); greedy {n} tokens")
     s = cfg.seed
     return [
         mean_row(artefact, "refusal.heldout_baseline_rate", before, s, detail, L),
