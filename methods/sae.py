@@ -645,7 +645,12 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
             # Adam moves b_dec by about lr per step, so without this the SAE spends its steps learning the offset.
             mean = split.train_mean.float().to(device)
             trainer.sae.b_dec.data.copy_(trainer.activation_scaler(mean[None])[0])
-        convergence = _Convergence(cfg.converge_tol, cfg.converge_window, eval_every, cfg.converge_min_steps)
+        min_steps = cfg.converge_min_steps
+        if cfg.architecture == "batchtopk":
+            # The saved JumpReLU threshold is an EMA of the batch top-k threshold started at 0: its held-out NMSE
+            # means little until ~3 EMA time constants (e^-3 = 5% of the start left) have passed.
+            min_steps = max(min_steps, math.ceil(3 / trainer.sae.cfg.topk_threshold_lr))
+        convergence = _Convergence(cfg.converge_tol, cfg.converge_window, eval_every, min_steps)
         window_loss: list[float] = []
 
         def evaluate() -> str | None:
@@ -716,7 +721,7 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
         training={"rows": trained, "steps": steps, "epochs": trained / split.train_rows,
                   "store_passes": meter.store_passes, "converged": converged, "stop_reason": stop_reason,
                   "criterion": CONVERGENCE_RULE.format(tol=100 * cfg.converge_tol, window=100 * cfg.converge_window,
-                                                       every=eval_every, min_steps=cfg.converge_min_steps),
+                                                       every=eval_every, min_steps=min_steps),
                   "lr_decay_start_step": decay_start, "eval_every": eval_every, "cap_steps": cap_steps,
                   "heldout": {"contexts": [split.heldout_first, split.heldout_first + split.heldout_contexts],
                               "rows": int(heldout.shape[0]),

@@ -262,6 +262,18 @@ def test_other_architectures_convert_like_sae_lens(planted, arch: str) -> None:
         torch.testing.assert_close(art.encode(x), art.to_sae_lens().encode(x), rtol=0, atol=1e-5)
 
 
+def test_batchtopk_waits_for_its_threshold_before_converging(planted) -> None:
+    """BatchTopK saves a JumpReLU whose threshold is an EMA started at 0: stopping before it settles kept an SAE with
+    L0 ~12 and EV ~0.2 here; the rule starts after 3 EMA time constants (300 steps at sae-lens' 0.01)."""
+    store, _ = planted
+    art = SAEMethod(architecture="batchtopk", width=32, k=2, training_tokens=200_000, batch_rows=256,
+                    buffer_rows=4096, lr=3e-3, dead_feature_window=50, converge_tol=0.05, converge_min_steps=50,
+                    device="cpu", progress=False).fit(store, 3)
+    tr = art.info["training"]
+    assert tr["lr_decay_start_step"] >= 300 and "from step 300" in tr["criterion"]  # no stop before step 300
+    assert art.info["explained_variance"] > 0.9 and art.info["mean_l0"] == pytest.approx(2.0, abs=0.5)
+
+
 def test_ablate_latents_removes_the_decoded_contribution(topk_art: SAEArtefact, planted) -> None:
     store, _ = planted
     x = store.all_rows(3).acts[:50]
