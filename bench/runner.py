@@ -244,8 +244,10 @@ class ModelContext:
             return
         self.extras_dir.mkdir(parents=True, exist_ok=True)
         path = self.extras_dir / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", name) + ".npy")
-        np.save(path.with_suffix(".tmp.npy"), np.asarray(values, dtype=np.float32))
-        path.with_suffix(".tmp.npy").replace(path)
+        tmp = unique_tmp(path)
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare temporary name
+            np.save(f, np.asarray(values, dtype=np.float32))
+        tmp.replace(path)
 
     def cell_artefacts(self, cell: "Cell") -> list[Artefact]:
         """The artefacts a cell scores: the spec's at the cell's layer, less any the suite leaves out of the family."""
@@ -362,7 +364,7 @@ class ModelContext:
                     for name, cs in self.concept_sets.items():
                         art = method.fit(self.store, L, concepts=self.concept_fit_data(name, L))
                         art.info["concept_set"] = name
-                        art.info["label"] = f"{art.name}[{name}]"
+                        art.info["label"] = f"{art.name}[{short_data_label(name)}]"
                         out[L].append(art)
                 elif hasattr(method, "fit_many") and spec.method == "kmeans" and isinstance(method.config.k, list):
                     out[L] += list(method.fit_many(self.store, L))
@@ -464,6 +466,12 @@ def fit_quality(a: Artefact) -> dict[str, Any] | None:
     if a.method == "ep":
         return {"stop_reason": info.get("stop_reason"), "tokens_streamed": info.get("tokens_streamed")}
     return None
+
+
+def short_data_label(spec: str) -> str:
+    """A data spec as a table label: `axbench:/long/path/prod_2b_l20_v1` -> `axbench:prod_2b_l20_v1`."""
+    kind, sep, where = spec.partition(":")
+    return f"{kind}:{Path(where).name or where}" if sep else spec
 
 
 def _seeded(params: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
