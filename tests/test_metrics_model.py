@@ -196,7 +196,9 @@ def test_ablating_a_direction_orthogonal_to_every_residual_does_nothing(backend)
     assert (rows @ null).abs().max() < 1e-4
     m = by_metric(causal_metrics(make(LinArtefact, null[None]), backend, ps, unrelated, CausalConfig(alphas=(1.0,))))
     assert abs(m["causal.ablate.delta_logit_diff"].value) < 1e-4
-    assert m["causal.ablate.kl"].value < 1e-8
+    # residuals move by < 1e-4 along the null direction: fp32 KL noise is ~1e-8 (thread-count dependent), a real
+    # intervention's KL is orders of magnitude larger (the control's)
+    assert m["causal.ablate.kl"].value < 1e-6 < m["causal.ablate.control_kl"].value
     assert abs(m["causal.ablate.control_delta"].value) > 1e-3  # a random direction does change the output
 
 
