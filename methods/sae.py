@@ -72,7 +72,7 @@ class SAEConfig(MethodConfig):
     converge_tol: float = 0.01  # stop once held-out NMSE improved by < this fraction over the last window; 0: cap
     converge_window: float = 0.1  # the window: this fraction of the steps taken so far
     converge_min_steps: int = 200  # the rule is checked from this step on (early steps can stall for a while)
-    eval_every: int = 0  # steps between held-out evaluations (curve points); 0: cap steps / 100
+    eval_every: int = 0  # steps between held-out evaluations (curve points); 0: auto (cap / 100, eval <= 11%)
     heldout_frac: float = 0.1  # the store's last contexts (store order) held out of training, for the stopping rule
     heldout_max_rows: int = 8192  # held-out rows evaluated (the first of the held-out tail)
     token_budget: int | None = None  # train only on the store prefix of this many tokens (stream order, as EP reads)
@@ -617,8 +617,10 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
         min(cfg.training_tokens, math.ceil(cfg.max_epochs * split.train_rows))
     cap_steps = max(1, cap_rows // cfg.batch_rows)
     decay_cap = round(cfg.lr_decay_frac * cap_steps)  # steps kept for the final decay when the cap is reached
-    eval_every = cfg.eval_every or max(1, cap_steps // 100)
     heldout = split.heldout_rows.to(device)
+    # Auto: ~100 curve points, but no more often than every 3 * heldout_rows / batch_rows steps, so held-out
+    # evaluation (4 FLOPs per row and weight, vs 12 to train) costs at most ~11% of training.
+    eval_every = cfg.eval_every or max(1, cap_steps // 100, math.ceil(3 * heldout.shape[0] / cfg.batch_rows))
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     bar = tqdm(unit="row", unit_scale=True, disable=not cfg.progress,
                desc=f"train {cfg.architecture} SAE w{cfg.width} on {store.model} L{layer}")
