@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bench.browser.cards import CardConfig, best_matches, concept_picks, sample_rows, scan, top_sets
+from metrics.feature_selection import default_readout
 from methods.base import Artefact, load_artefact
 
 STATIC = Path(__file__).parent / "static"
@@ -272,7 +273,7 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
         entries.append({
             "id": aid, "model": src.model, "layer": src.layer, "name": art.name, "method": art.method,
             "K": art.K, "supervised": art.supervised, "store": src.store.id,
-            "readout": "cosine" if art.method == "ep" else (art.readouts[0] if art.readouts else "default"),
+            "readout": default_readout(art) or getattr(art.config, "readout", None) or art.readouts[0],
             "theta": _num(art.info.get("theta")), "p": art.info.get("p"),
             "cost": {"tokens": cost.tokens, "rows": cost.rows, "flops": _num(cost.flops, 3),
                      "seconds": _num(cost.wall_seconds, 3), "device": cost.device},
