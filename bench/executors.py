@@ -37,8 +37,9 @@ from bench.store import ActivationStore
 from bench.suites import Suite
 
 EXECUTORS = ("local", "ray")
+DATA_KEY = "_run_data"  # carries a worker's run.json "data" (evaluation-data summary) back to the driver
 # Families that run the model itself (interventions, spliced reconstructions): they run on the model's actor.
-MODEL_FAMILIES = ("causal", "recon")
+MODEL_FAMILIES = ("causal", "recon", "refusal")
 # Environment every worker needs to see as the driver does (shared cache path, offline hub, passive threads).
 PASSED_ENV = ("EPBENCH_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "OMP_WAIT_POLICY", "OMP_NUM_THREADS",
               "TOKENIZERS_PARALLELISM", "EPBENCH_FAULT_KILL", "EPBENCH_FAULT_DIR")
@@ -63,6 +64,7 @@ class Prepared(NamedTuple):
 
     store_path: str  # the build store, on the shared cache
     ood_texts: dict[str, list[str]] | None  # the OOD sets (made with the model's tokenizer), None if not needed
+    tokenizer: Any  # the model's tokenizer: tasks count tokens without loading the model
 
 
 class RowsDiff(NamedTuple):
@@ -180,13 +182,12 @@ class _ClusterContext(ModelContext):
         super().__init__(suite, model, progress=False, store=store)
         if prepared is not None and prepared.ood_texts is not None:
             self.__dict__["ood_texts"] = prepared.ood_texts
-        self.may_build, self.has_model = may_build, has_model
+        self.may_build, self.has_model, self.prepared = may_build, has_model, prepared
 
     @cached_property
     def backend(self):
         if not self.has_model:
-            raise RuntimeError(f"a task without the model needed {self.model_name}: only its actor loads it "
-                               "(add the family to bench.executors.MODEL_FAMILIES)")
+            return _TokenizerOnly(self.model_name, self.prepared.tokenizer if self.prepared else None)
         return ModelContext.backend.func(self)
 
     def build(self, spec):
@@ -194,6 +195,17 @@ class _ClusterContext(ModelContext):
             raise RuntimeError(f"artefacts of {spec.label} ({self.model_name}) were not built before this cell: "
                                "bench.executors.cell_builds misses a dependency")
         return super().build(spec)
+
+
+class _TokenizerOnly:
+    """The model backend as a task without the model sees it: its tokenizer, and a clear error for the rest."""
+
+    def __init__(self, model: str, tokenizer: Any):
+        self.model_name, self.tokenizer = model, tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"a task without the model used {self.model_name}'s backend.{name}: only the model's "
+                           "actor loads it (add the family to bench.executors.MODEL_FAMILIES)")
 
 
 class _WorkerRun(Run):
@@ -223,6 +235,7 @@ class _WorkerRun(Run):
         record = json.loads(path.read_text())
         path.unlink()
         record["executor"] = {"name": "ray", "node": socket.gethostname(), "pid": os.getpid()}
+        record[DATA_KEY] = self.meta.get("data", {})  # what run_cell recorded for run.json; the driver merges it
         return record
 
 
@@ -289,7 +302,7 @@ class _ModelActor:
         for name, texts in (ood or {}).items():
             ctx.text_store(f"ood:{name}", texts)
         _fault_point(extract_unit(self.model))
-        return Prepared(str(store.path), ood)
+        return Prepared(str(store.path), ood, ctx.backend.tokenizer)
 
     def run_cell(self, cell: Cell, prepared: Prepared, *builds: str) -> dict[str, Any]:
         record = self.run.compute(cell)
@@ -409,6 +422,8 @@ def _submit_and_collect(ray: Any, run: Run, cells: list[Cell], cfg: RayConfig, e
             bar.update(1)
             continue
         record["git_commit"] = run.meta["git_commit"]
+        for model, summary in record.pop(DATA_KEY, {}).items():
+            _merge(run.meta.setdefault("data", {}).setdefault(model, {}), summary)
         _atomic_json(run.cell_path(cell), record)
         wall += float(record["wall_seconds"])
         bar.update(1)
@@ -424,6 +439,15 @@ def _submit_and_collect(ray: Any, run: Run, cells: list[Cell], cfg: RayConfig, e
             raise RuntimeError(msg)
         print(f"[epbench] {msg}", flush=True)
     return failures
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Nested dict update: workers each report the evaluation data they touched."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _name_failure(ray: Any, cell: Cell, deps: dict[str, list[str]], refs: dict[str, Any], failed_units: set[str],

@@ -34,7 +34,7 @@ def test_plan_has_the_real_dependencies():
                                                                                     ("cost", "correspondence")))
     cross = [c for c in cells if c.layer == ALL_LAYERS]
     assert cross and all(deps[c.id] == [build_unit(model, c.spec)] for c in cross)  # a build covers every layer
-    assert {c.family for c in cells} & set(MODEL_FAMILIES) == {"recon"}
+    assert {c.family for c in cells} & set(MODEL_FAMILIES)  # some cells run on the model's actor
 
 
 def test_cell_builds_without_sae_is_own_spec():
@@ -99,7 +99,9 @@ def test_smoke_on_ray_with_killed_workers_matches_local(ray_cluster, tmp_path, m
     assert diff.n_rows > 300 and diff.same, diff
     meta = json.loads((ray_run.dir / "run.json").read_text())
     assert meta["executor"]["name"] == "ray" and meta["executor"]["cluster"]["nodes"]
-    assert json.loads((local.dir / "run.json").read_text())["executor"] == {"name": "local"}
+    local_meta = json.loads((local.dir / "run.json").read_text())
+    assert local_meta["executor"] == {"name": "local"}
+    assert meta.get("data") == local_meta.get("data")  # the evaluation-data summary workers recorded
     record = json.loads(ray_run.cell_path(cells["retrieval"]).read_text())
     assert record["executor"]["name"] == "ray" and record["rows"]
 
