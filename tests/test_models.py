@@ -66,3 +66,13 @@ def test_embedded_model_is_a_real_trained_model(smollm2):
     assert smollm2.d_model == 576 and smollm2.n_layers == 30
     diff, top1 = smollm2.score_prompts(["The capital of France is"], [" Paris"], [" London"])
     assert diff[0] > 0 and top1[0]
+
+
+def test_next_token_logits_equal_the_full_forward_at_the_last_position(tiny_model):
+    import torch
+
+    texts = ["The capital of France is", "hi", "a longer prompt with several words in it"]
+    toks, lengths = tiny_model.to_tokens(texts)
+    full = tiny_model.model(toks, return_type="logits")[torch.arange(len(texts)), lengths - 1].float()
+    assert tiny_model.model.cfg.output_logits_soft_cap > 0  # the soft cap path is exercised
+    torch.testing.assert_close(tiny_model.next_token_logits(texts), full, atol=1e-5, rtol=1e-5)
