@@ -11,9 +11,9 @@ SUITE = Suite(
                  "trained to convergence on the same store, k-means, random directions and an SAE at EP's K, "
                  "spherical k-means, PCA, random directions and DiffMean (supervised)"),
     evidence=("screening only: a 40k-token store (EP at p <= 4 does not saturate on it), one fit seed per method, 20 "
-              "WordNet concepts x 15 examples per class and 5 BBC topics, one 40-prompt causal set; with this few "
-              "units a `no detectable difference` is weak evidence of equivalence. The credible run is the `full` "
-              "suite (results/full/)"),
+              "WordNet concepts x 15 examples per class and 5 BBC topics, one causal relation (country -> continent) "
+              "at one layer; with this few units a `no detectable difference` is weak evidence of equivalence. The "
+              "credible run is the `full` suite (results/full/)"),
     models=["smollm2-135m"],
     layers=[4, 8, 12],
     methods=[
@@ -40,7 +40,7 @@ SUITE = Suite(
                       "refusal": ["ep:p=8"]},
     causal_alphas=[0.5, 1.0, 2.0],
     causal_unrelated_texts=2,
-    prompt_sets=["city_continent"],
+    prompt_sets=["country_continent"],
     ood_sets=["random_tokens", "shuffled_words", "code"],
     side_effect_texts=8,
 )
