@@ -79,8 +79,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_cache(tmp_path_factory):
+    """The Ray runs' cache: the failure test reuses the smoke run's store instead of extracting again."""
+    return tmp_path_factory.mktemp("ray_cache")
+
+
 @pytest.mark.slow
-def test_smoke_on_ray_with_killed_workers_matches_local(ray_cluster, tmp_path, monkeypatch):
+def test_smoke_on_ray_with_killed_workers_matches_local(ray_cluster, ray_cache, tmp_path, monkeypatch):
     suite = get_suite("smoke")
     monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "cache_local"))
     local = run_suite(suite, tmp_path / "local", progress=False, report=False)
@@ -88,7 +94,7 @@ def test_smoke_on_ray_with_killed_workers_matches_local(ray_cluster, tmp_path, m
     # kill a build, a metric cell and the model actor mid-cell (after the work, before the result returns)
     cells = {c.family: c for c in expand_cells(suite) if c.spec.startswith("ep")}
     victims = [build_unit(suite.models[0], "ep"), cells["retrieval"].id, cells["recon"].id]
-    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "cache_ray"))  # the Ray run extracts and builds anew
+    monkeypatch.setenv("EPBENCH_CACHE", str(ray_cache))  # the Ray run extracts and builds anew
     monkeypatch.setenv("EPBENCH_FAULT_KILL", ",".join(victims))
     monkeypatch.setenv("EPBENCH_FAULT_DIR", str(tmp_path / "faults"))
     ray_run = run_suite(suite, tmp_path / "ray", progress=False, report=False, executor="ray")
@@ -112,10 +118,10 @@ def test_smoke_on_ray_with_killed_workers_matches_local(ray_cluster, tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_real_failure_is_named_and_the_rest_finish(ray_cluster, tmp_path, monkeypatch):
+def test_a_real_failure_is_named_and_the_rest_finish(ray_cluster, ray_cache, tmp_path, monkeypatch):
     from bench.cli import narrow_suite
 
-    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EPBENCH_CACHE", str(ray_cache))
     suite = narrow_suite(get_suite("smoke"), layers=[1, 2], methods=["pca", "kmeans:k=1000000"],
                          metrics=["build", "retrieval"])
     with pytest.raises(RuntimeError) as err:
