@@ -4,6 +4,7 @@ site driven in a real headless Chromium (search a token, open a card, see shaded
 from __future__ import annotations
 
 import base64
+import copy
 import gzip
 import json
 import math
@@ -178,3 +179,14 @@ def test_browse_an_artefact_directory(site, tmp_path):
     assert entry["K"] == art.K and entry["metrics"] == {}  # no run, no rows
     cards = _cards(site_dir, entry["id"])
     assert len(cards) == art.K and all(len(c["top"]) <= 2 for c in cards)
+
+
+def test_cards_are_of_the_artefacts_the_run_measured(site):
+    out, run_dir, src, _, _ = site
+    from bench.browser.site import same_as_run
+    from bench.report.common import load_rows
+
+    assert all(a["same_as_run"] for a in _index(out)["artefacts"])
+    rows, art = load_rows(run_dir), copy.copy(src.artefacts[0])
+    art.info = {**art.info, "cost": {**art.info["cost"], "wall_seconds": art.cost.wall_seconds + 1.0}}  # a rebuild
+    assert same_as_run(rows, src.model, src.layer, art) is False

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,19 @@ def _headline(rows: Any, model: str, layer: int, name: str) -> dict[str, Any]:
     return {m: _num(d.loc[d["metric"] == m, "value"].mean(), 3) for m in HEADLINE if (d["metric"] == m).any()}
 
 
+def same_as_run(rows: Any, model: str, layer: int, art: Artefact) -> bool | None:
+    """Whether `art` is the artefact the run measured: its build row's wall seconds (a float no rebuild repeats)
+    and K equal the artefact's; None without build rows. False means the artefact cache was rebuilt since the run
+    (e.g. the method's code changed), so the cards describe another fit than the run's metrics."""
+    if rows is None:
+        return None
+    d = rows[(rows["model"] == model) & (rows["layer"] == layer) & (rows["method"] == art.name)]
+    secs, K = d.loc[d["metric"] == "build.wall_seconds", "value"], d.loc[d["metric"] == "build.K", "value"]
+    if secs.empty or K.empty:
+        return None
+    return bool(math.isclose(float(secs.iloc[0]), art.cost.wall_seconds, rel_tol=1e-9) and int(K.iloc[0]) == art.K)
+
+
 def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
                 offset: int = 0) -> tuple[list[dict], dict]:
     """The index entries and the cards ({artefact id: [card, ...]}) of one model and layer; `offset` is the
@@ -270,6 +284,11 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
             for c in feats[k]["top"]:
                 tokens.show(src.store, src.model, c[0])
         cost = art.cost
+        same = same_as_run(rows, src.model, src.layer, art)
+        if same is False:
+            print(f"epbench browse: warning: {art.name} at layer {src.layer} is not the artefact the run measured "
+                  "(the artefact cache was rebuilt since, e.g. its method code changed); its cards describe the "
+                  "rebuilt fit, its metrics the run's", file=sys.stderr)
         entries.append({
             "id": aid, "model": src.model, "layer": src.layer, "name": art.name, "method": art.method,
             "K": art.K, "supervised": art.supervised, "store": src.store.id,
@@ -280,7 +299,7 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
             "metrics": _headline(rows, src.model, src.layer, art.name),
             "labels": _label_tokens(art, top, src.store, tokens, src.model),
             "concepts": concept_index, "shard": cfg.shard_features,
-            "card_seconds": _num(time.perf_counter() - t0, 3),
+            "card_seconds": _num(time.perf_counter() - t0, 3), "same_as_run": same,
         })
         cards[aid] = feats
     return entries, cards

@@ -93,7 +93,8 @@ function renderIndex() {
   const head = ["model", "layer", "dictionary", "K", "build tokens", "build s"].map((h) => `<th>${h}</th>`).join("") +
     mets.map((m) => `<th class="num">${esc(m)}</th>`).join("");
   const body = arts.map((a) => `<tr class="art" data-id="${esc(a.id)}"><td>${esc(a.model)}</td><td>${a.layer}</td>
-    <td><a href="#/a/${encodeURIComponent(a.id)}">${esc(a.name)}</a>${a.supervised ? " †" : ""}</td>
+    <td><a href="#/a/${encodeURIComponent(a.id)}">${esc(a.name)}</a>${a.supervised ? " †" : ""}${a.same_as_run === false ?
+      ' <span class="error" title="rebuilt since the run: the cards describe another fit than the metrics">⚠ rebuilt</span>' : ""}</td>
     <td class="num">${a.K}</td><td class="num">${fmt(a.cost.tokens, 4)}</td><td class="num">${fmt(a.cost.seconds)}</td>
     ${mets.map((m) => `<td class="num">${fmt(a.metrics[m])}</td>`).join("")}</tr>`).join("");
   const table = document.getElementById("table");
