@@ -270,7 +270,8 @@ def test_batchtopk_waits_for_its_threshold_before_converging(planted) -> None:
                     buffer_rows=4096, lr=3e-3, dead_feature_window=50, converge_tol=0.05, converge_min_steps=50,
                     device="cpu", progress=False).fit(store, 3)
     tr = art.info["training"]
-    assert tr["lr_decay_start_step"] >= 300 and "from step 300" in tr["criterion"]  # no stop before step 300
+    why = (tr["lr_decay_start_step"], tr["stop_reason"], tr["criterion"])
+    assert tr["lr_decay_start_step"] >= 300 and "from step 300" in tr["criterion"], why  # no stop before 300
     assert art.info["explained_variance"] > 0.9 and art.info["mean_l0"] == pytest.approx(2.0, abs=0.5)
 
 
