@@ -153,8 +153,9 @@ def claim_probing(df: pd.DataFrame) -> ClaimResult:
 def claim_tokens(df: pd.DataFrame) -> ClaimResult:
     claim = "EP builds its dictionary on orders of magnitude (~1e3) fewer activation tokens than an SAE is trained on"
     pub = "published: EP p1 ~3.6e6 tokens vs ~4e9 for the Gemma Scope 16k SAE (a token ratio, not FLOPs)"
-    crit = ("tokens of our SAE trained to convergence / tokens EP streamed, per p; reproduced at >= 100x, and the SAE "
-            "trained on EP's tokens only must be worse than the converged one (else the SAE did not need them)")
+    crit = ("tokens our SAE processed until convergence (repeats over epochs counted, as training tokens are) / tokens "
+            "EP streamed, per p; reproduced at >= 100x, and the SAE trained on EP's tokens only must be worse than the "
+            "converged one (else the SAE did not need them)")
     sae = _primary_sae(df)
     tok = df[df["metric"] == "build.tokens"]
     if sae is None or tok.empty or not _p_of(df):

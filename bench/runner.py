@@ -459,8 +459,11 @@ def fit_quality(a: Artefact) -> dict[str, Any] | None:
     if a.method == "sae" and info.get("source") == "trained":
         ev = info.get("explained_variance")  # held-out, after training
         tr = info.get("training") or {}
+        clamped = bool((info.get("budget") or {}).get("budget_clamped_to_pool"))
         return {"explained_variance": ev, "undertrained": ev is None or ev < EV_FLOOR, "ev_floor": EV_FLOOR,
-                "converged": tr.get("converged"), "stop_reason": tr.get("stop_reason"), "epochs": tr.get("epochs")}
+                "converged": tr.get("converged"), "epochs": tr.get("epochs"),
+                "stop_reason": (tr.get("stop_reason") or "") + ("; token budget clamped to the pool before the "
+                                                                "held-out tail" if clamped else "")}
     if a.method == "kmeans":
         return {k: info.get(k) for k in ("iterations", "objective", "converged", "stop_reason")}
     if a.method == "ep":

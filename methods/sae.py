@@ -422,6 +422,7 @@ class _Split(NamedTuple):
     heldout_contexts: int
     heldout_rows: torch.Tensor  # [<= heldout_max_rows, d] float32, the first rows of the held-out tail
     train_mean: torch.Tensor  # [d] float64 mean of the training pool (b_dec init)
+    budget_clamped: bool = False  # token_budget reached past the held-out tail: the pool is everything before it
 
 
 def _split(cfg: SAEConfig, store: "ActivationStore", layer: int) -> _Split:
@@ -452,15 +453,17 @@ def _split(cfg: SAEConfig, store: "ActivationStore", layer: int) -> _Split:
         if n_held < cfg.heldout_max_rows and bool(tail.any()):
             held.append(x_ND[tail][: cfg.heldout_max_rows - n_held])
             n_held += held[-1].shape[0]
-    if budget is not None and (pool_contexts == 0 or budget > tokens_before_heldout):
-        raise ValueError(f"token_budget={budget} must cover at least one context and at most the "
-                         f"{tokens_before_heldout} tokens before store {store.id}'s held-out tail; change "
-                         "token_budget or heldout_frac, or extract more tokens")
+    if budget is not None and pool_contexts == 0:
+        raise ValueError(f"token_budget={budget} must cover at least one context of store {store.id}; raise "
+                         "token_budget or extract more tokens")
+    # A budget beyond the held-out tail (e.g. EP streamed the whole store) cannot be met without training on held-out
+    # rows: the pool stops at the tail and the artefact records that the budget was clamped.
+    clamped = budget is not None and budget > tokens_before_heldout
     if pool_rows < cfg.batch_rows:
         raise ValueError(f"the training pool holds {pool_rows} rows, fewer than batch_rows={cfg.batch_rows}; "
                          "lower batch_rows or raise token_budget / extract more tokens")
     return _Split(pool_contexts, pool_rows, pool_tokens, heldout_first, n_ctx - heldout_first, torch.cat(held),
-                  pool_sum / pool_rows)
+                  pool_sum / pool_rows, clamped)
 
 
 def _pool_batches(store: "ActivationStore", layer: int, train_contexts: int, seed: int,
@@ -712,7 +715,8 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
     flops_eval = n_evals * eval_flops(heldout.shape[0], cfg.width, d)
     budget = {"mode": "token_budget" if cfg.token_budget is not None else "converged",
               "token_budget": cfg.token_budget, "pool_tokens": split.train_tokens, "pool_rows": split.train_rows,
-              "pool_contexts": split.train_contexts, "rows_trained": trained, "epochs": trained / split.train_rows}
+              "pool_contexts": split.train_contexts, "rows_trained": trained, "epochs": trained / split.train_rows,
+              "budget_clamped_to_pool": split.budget_clamped}
     info = _common_info(store, layer)
     info.update(
         source="trained", training_architecture=cfg.architecture, sae_model_name=store.model,

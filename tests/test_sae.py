@@ -324,8 +324,12 @@ def test_heldout_tail_and_token_budget_prefix_are_never_trained_on(tmp_path: Pat
     budget = dataclasses.replace(cfg, token_budget=40)
     sp = _split(budget, store, 0)
     assert sp.train_contexts == 4 and sp.train_tokens == 36 and sp.train_rows == 32
-    with pytest.raises(ValueError, match="token_budget=1000 must cover .* held-out tail"):
-        _split(dataclasses.replace(cfg, token_budget=1000), store, 0)
+    # a budget past the held-out tail (EP streamed the whole store) is clamped to the pool before it, and says so
+    sp = _split(dataclasses.replace(cfg, token_budget=1000), store, 0)
+    assert sp.budget_clamped and sp.train_contexts == 15 and sp.heldout_first == 15
+    assert not _split(budget, store, 0).budget_clamped
+    with pytest.raises(ValueError, match="token_budget=5 must cover at least one context"):
+        _split(dataclasses.replace(cfg, token_budget=5), store, 0)
 
 
 def test_token_budget_sae_records_its_budget(planted) -> None:
