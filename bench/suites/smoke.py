@@ -18,6 +18,8 @@ SUITE = Suite(
         # budget-matched baselines: at each EP artefact's K, and an SAE on exactly the tokens EP streamed
         MethodSpec("kmeans", {"n_rows": 2000, "n_calib": 2000}, match="K", match_to=["ep"]),
         MethodSpec("random", {"k": 32}, match="K", match_to=["ep", "sae", "kmeans", "pca"]),
+        MethodSpec("sae", {"architecture": "topk", "k": 4, "training_tokens": 4096, "batch_rows": 256,
+                           "buffer_rows": 512, "progress": False}, match="tokens", match_to=["ep"], match_p=[10]),
     ],
     store_tokens=6_000,
     ctx_len=64,
