@@ -317,6 +317,11 @@ class _ModelActor:
 def _worker_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     env["EPBENCH_CACHE"] = str(cache_dir().resolve())  # workers must use the driver's (shared) cache
+    # Ray starts workers with one OpenMP thread; float reductions (SAE training, k-means) then round differently
+    # from a driver with more. Workers use the driver's count unless the environment sets one.
+    import torch
+
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     return env
 
 

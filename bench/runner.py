@@ -501,9 +501,8 @@ def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
         if a.method == "kmeans" and q.get("iterations") is not None:
             values.update({"build.iterations": q["iterations"], "build.converged": float(bool(q["converged"])),
                            "build.objective": q["objective"]})
-        detail = json.dumps({k: v for k, v in q.items() if isinstance(v, str)}) if q else ""
-        rows += [row(a, k, float("nan") if v is None else v, layer=cell.layer, detail=detail)
-                 for k, v in values.items()]
+        # stop reasons (free text with measured numbers) stay in the cell's artefact records, not in row details
+        rows += [row(a, k, float("nan") if v is None else v, layer=cell.layer) for k, v in values.items()]
     return rows
 
 
