@@ -27,6 +27,16 @@ def _positive_int(text: str) -> int:
 STORE_DEFAULTS = {"tokens": DEFAULT_STORE_TOKENS, "ctx_len": 128, "dtype": "float32", "seed": 0}
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """--concepts / --prompts: the user's own evaluation data in place of a suite's."""
+    p.add_argument("--concepts", nargs="+", default=None, metavar="SPEC",
+                   help="concept sets: wordnet, bbc, axbench:DIR, jsonl:PATH, csv:PATH (columns text, concept, "
+                        "category, split)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
+                   help="causal prompt sets: shipped names (country_capital, ...) or PATH.jsonl files of "
+                        "prompt, target, contrast")
+
+
 def _add_store_args(p: argparse.ArgumentParser, layers: bool = True, defaults: bool = True) -> None:
     """Store flags. With defaults=False the request flags default to None, so a command can tell which were
     given (build: a flag given must match the store used; unset ones accept any existing store)."""
@@ -318,12 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="restrict to these layers")
     p.add_argument("--method", nargs="+", default=None, help="restrict to / add these method specs or plugins")
     p.add_argument("--metrics", nargs="+", default=None, help="restrict to these metric families")
-    p.add_argument("--concepts", nargs="+", default=None, metavar="SPEC",
-                   help="concept sets: wordnet, bbc, axbench:DIR, jsonl:PATH, csv:PATH (columns text, concept, "
-                        "category, split)")
-    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
-                   help="causal prompt sets: shipped names (country_capital, ...) or PATH.jsonl files of "
-                        "prompt, target, contrast")
+    _add_data_args(p)
     p.add_argument("--run-id", default=None, help="results/<run-id> (default: <suite>-<config hash>)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
@@ -338,12 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--methods", nargs="+", default=["ep:p=2", "sae", "kmeans", "pca", "random", "diffmean"])
     p.add_argument("--metrics", nargs="+", default=["all"])
-    p.add_argument("--concepts", nargs="+", default=None, metavar="SPEC",
-                   help="concept sets: wordnet, bbc, axbench:DIR, jsonl:PATH, csv:PATH (columns text, concept, "
-                        "category, split)")
-    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
-                   help="causal prompt sets: shipped names (country_capital, ...) or PATH.jsonl files of "
-                        "prompt, target, contrast")
+    _add_data_args(p)
     p.add_argument("--tokens", type=_positive_int, default=None,
                    help="store token budget (default: the default suite's)")
     p.add_argument("--run-id", default=None)

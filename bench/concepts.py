@@ -30,6 +30,7 @@ from bench.corpora import (
     ListCorpus,
     bbc_articles,
     hash_order,
+    jsonl_records,
     wordnet_synsets,
 )
 
@@ -465,23 +466,14 @@ def _decode_utf8(path: Path) -> str:
 
 def _file_records(path: Path, fmt: str) -> Iterable[tuple[int, dict[str, Any]]]:
     """(line number, record) pairs of a jsonl or csv file; a missing column is an error naming the file."""
-    text = _decode_utf8(path)
     if fmt == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg}); {FILE_FORMAT_HELP}") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}; "
-                                 f"{FILE_FORMAT_HELP}")
+        for lineno, rec in jsonl_records(path, FILE_FORMAT_HELP):
             missing = [c for c in FILE_COLUMNS if c not in rec]
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing column(s) {missing}; {FILE_FORMAT_HELP}")
             yield lineno, rec
         return
+    text = _decode_utf8(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in FILE_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:

@@ -401,6 +401,28 @@ class EmbeddedCorpus:
         return fp
 
 
+def jsonl_records(path: Path, fix: str = "") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line of a jsonl file, streamed; a non-UTF-8 line, bad JSON or a
+    non-object is an error naming the file and line (and `fix`, what the file should hold)."""
+    hint = f"; {fix}" if fix else ""
+    with open(path, "rb") as f:  # bytes, so a non-UTF-8 line is reported with its line number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line); re-encode "
+                                 f"the file as UTF-8 (e.g. iconv -t UTF-8){hint}") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}){hint}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}{hint}")
+            yield lineno, rec
+
+
 @dataclass
 class JsonlCorpus:
     """One document per non-blank line of a jsonl file, streamed (blank texts are skipped)."""
@@ -423,31 +445,19 @@ class JsonlCorpus:
     def documents(self) -> Iterator[Document]:
         """Yield documents in file order; bad lines raise naming the file and line."""
         n = 0
-        with open(self.path, "rb") as f:  # bytes, so a non-UTF-8 line is reported with its line number
-            for lineno, raw in enumerate(f, 1):
-                if self.max_docs is not None and n >= self.max_docs:
-                    return
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{self.path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line); "
-                                     "re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or self.text_field not in row:
-                    raise ValueError(f"{self.path}:{lineno}: missing field {self.text_field!r} "
-                                     f"(choose the field with jsonl:{self.path}:FIELD)")
-                text = row[self.text_field]
-                if not isinstance(text, str):
-                    raise ValueError(f"{self.path}:{lineno}: field {self.text_field!r} is not a string")
-                if not text.strip():
-                    continue
-                yield Document(n, text, _jsonl_source(row, self.path))
-                n += 1
+        for lineno, row in jsonl_records(self.path):
+            if self.max_docs is not None and n >= self.max_docs:
+                return
+            if self.text_field not in row:
+                raise ValueError(f"{self.path}:{lineno}: missing field {self.text_field!r} "
+                                 f"(choose the field with jsonl:{self.path}:FIELD)")
+            text = row[self.text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{self.path}:{lineno}: field {self.text_field!r} is not a string")
+            if not text.strip():
+                continue
+            yield Document(n, text, _jsonl_source(row, self.path))
+            n += 1
 
     def fingerprint(self) -> dict:
         """Name, params, number of docs and sha256 of the texts in order (reads the file once)."""

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from bench.corpora import hash_unit
+from bench.corpora import hash_unit, jsonl_records
 
 DATA_DIR = Path(__file__).parent / "data"
 HANDWRITTEN_SETS = ("capitals", "city_country", "city_continent", "first_letter")
@@ -276,22 +276,8 @@ def load_prompt_jsonl(path: str | Path, name: str | None = None) -> PromptSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path} ({PROMPT_FILE_HELP})")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
     prompts = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg}); {PROMPT_FILE_HELP}") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object; {PROMPT_FILE_HELP}")
+    for lineno, rec in jsonl_records(path, PROMPT_FILE_HELP):
         missing = [k for k in ("prompt", "target", "contrast") if not isinstance(rec.get(k), str) or not rec[k]]
         if missing:
             raise ValueError(f"{path}:{lineno}: missing or empty field(s) {missing}; {PROMPT_FILE_HELP}")

@@ -325,13 +325,7 @@ def load_pretrained(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAE
                                f"(`hf auth login`) so sae-lens can download {entry.repo_id}") from e
     wall = time.perf_counter() - t0
     meta = sae.cfg.metadata
-    _check_match(store, layer, meta.model_name, meta.hook_name, sae.cfg.d_in, what, cfg.allow_model_mismatch)
-    arch = sae.cfg.architecture()
-    if arch not in ENCODE_ARCHITECTURES:
-        raise ValueError(f"{what} has architecture {arch!r}; this adapter encodes {ENCODE_ARCHITECTURES}")
-    if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
-        raise ValueError(f"{what} needs run-time normalisation {sae.cfg.normalize_activations!r} / reshape "
-                         f"{sae.cfg.reshape_activations!r}, which this adapter does not reproduce")
+    arch = _check_loaded(sae, store, layer, what, cfg.allow_model_mismatch)
     tensors = _tensors_of(sae, arch)
     folder = entry.saes_map[sae_id]
     published = published_training_tokens(entry.repo_id, folder)
@@ -368,13 +362,7 @@ def load_from_path(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
         sae = SAE.load_from_disk(path, device=device, dtype="float32")
     wall = time.perf_counter() - t0
     meta, what = sae.cfg.metadata, f"SAE at {path}"
-    _check_match(store, layer, meta.model_name, meta.hook_name, sae.cfg.d_in, what, cfg.allow_model_mismatch)
-    arch = sae.cfg.architecture()
-    if arch not in ENCODE_ARCHITECTURES:
-        raise ValueError(f"{what} has architecture {arch!r}; this adapter encodes {ENCODE_ARCHITECTURES}")
-    if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
-        raise ValueError(f"{what} needs run-time normalisation {sae.cfg.normalize_activations!r} / reshape "
-                         f"{sae.cfg.reshape_activations!r}, which this adapter does not reproduce")
+    arch = _check_loaded(sae, store, layer, what, cfg.allow_model_mismatch)
     info = _common_info(store, layer)
     info.update(
         source="disk", path=str(path.resolve()), sae_model_name=meta.model_name, sae_hook_name=meta.hook_name,
@@ -384,6 +372,19 @@ def load_from_path(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
               "device": device},
     )
     return SAEArtefact(cfg, _tensors_of(sae, arch), info)
+
+
+def _check_loaded(sae: Any, store: "ActivationStore", layer: int, what: str, allow_model_mismatch: bool) -> str:
+    """Refuse a loaded sae-lens SAE this adapter cannot reproduce on this store; returns its architecture."""
+    meta = sae.cfg.metadata
+    _check_match(store, layer, meta.model_name, meta.hook_name, sae.cfg.d_in, what, allow_model_mismatch)
+    arch = sae.cfg.architecture()
+    if arch not in ENCODE_ARCHITECTURES:
+        raise ValueError(f"{what} has architecture {arch!r}; this adapter encodes {ENCODE_ARCHITECTURES}")
+    if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
+        raise ValueError(f"{what} needs run-time normalisation {sae.cfg.normalize_activations!r} / reshape "
+                         f"{sae.cfg.reshape_activations!r}, which this adapter does not reproduce")
+    return arch
 
 
 def _tensors_of(sae: Any, arch: str) -> dict[str, torch.Tensor]:

@@ -319,7 +319,7 @@ def test_user_concept_file_errors(tmp_path):
                                             and r["category"] == "positive")],
           r"empty\.jsonl: concept 'boats' has no positive examples in the test split")
     fails("twosplits", rows + [{**rows[0], "split": "test"}], r"twosplits\.jsonl:\d+: this text is also in the train")
-    fails("json", rows[:2] + ["{not json"], r"json\.jsonl:3: not a JSON object")
+    fails("json", rows[:2] + ["{not json"], r"json\.jsonl:3: not valid JSON")
     fails("blank", [{**rows[0], "text": "  "}], r"blank\.jsonl:1: empty text")
     latin = tmp_path / "latin.csv"
     latin.write_bytes(b"text,concept,category,split\n" + b"caf\xe9,c,positive,train\n")

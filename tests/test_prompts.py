@@ -178,7 +178,7 @@ def test_user_prompt_file(tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     ([{"prompt": "a", "target": " b"}], r"bad\.jsonl:1: missing or empty field\(s\) \['contrast'\]"),
-    ([{"prompt": "a", "target": " b", "contrast": " c"}, "{oops"], r"bad\.jsonl:2: not JSON"),
+    ([{"prompt": "a", "target": " b", "contrast": " c"}, "{oops"], r"bad\.jsonl:2: not valid JSON"),
     ([{"prompt": "a", "target": " New York", "contrast": " New Delhi"}], r"bad\.jsonl:1: .*same word"),
     ([], r"bad\.jsonl: no prompts"),
 ])
@@ -191,7 +191,7 @@ def test_user_prompt_file_errors(tmp_path, content, match):
 def test_user_prompt_file_not_utf8_and_missing(tmp_path):
     f = tmp_path / "latin.jsonl"
     f.write_bytes(b'{"prompt": "a", "target": " b", "contrast": " c"}\n{"prompt": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"latin\.jsonl:2: not UTF-8"):
+    with pytest.raises(ValueError, match=r"latin\.jsonl:2: not valid UTF-8"):
         load_prompt_jsonl(f)
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         get_prompt_set(str(tmp_path / "absent.jsonl"))
