@@ -676,8 +676,14 @@ class Run:
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         self._contexts: dict[str, ModelContext] = {}
         meta_path = self.dir / "run.json"
-        self.meta = _read_run_json(meta_path) or {
-            "run_id": self.run_id, "suite": suite.name, "config": suite.to_dict(),
+        old = None if force else _read_run_json(meta_path)
+        config = json.loads(json.dumps(suite.to_dict(), default=str))
+        if old is not None and old.get("config") not in (None, config):
+            changed = sorted(k for k in set(config) | set(old["config"]) if config.get(k) != old["config"].get(k))
+            raise ValueError(f"run {self.dir} was started with another {suite.name} suite (differs in {changed}); "
+                             "resuming would mix two grids: pass --force to restart it or choose another --run-id")
+        self.meta = old or {
+            "run_id": self.run_id, "suite": suite.name, "config": config,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": 0.0}
         self.meta.update(versions=library_versions(), git_commit=git_commit(), machine=machine_info())
         _atomic_json(meta_path, self.meta)

@@ -150,3 +150,18 @@ def test_report_opens_with_verdicts_and_scorecard_and_marks_undertrained_saes(tm
     assert "**better**" in text  # +0.2 on 12 concepts, exact sign-flip p = 2/4096 before Holm
     assert "sae (EV 0.31) ⚠" in text and "undertrained" in text
     assert (run / "plots" / "sae_training.png").exists()
+
+
+def test_resuming_a_run_with_another_suite_grid_is_refused(tmp_path):
+    import dataclasses
+
+    from bench.runner import Run
+    from bench.suites import get_suite
+
+    suite = get_suite("smoke")
+    Run(suite, tmp_path, "r", progress=False)
+    Run(suite, tmp_path, "r", progress=False)  # the same grid resumes
+    other = dataclasses.replace(suite, store_tokens=7_000)
+    with pytest.raises(ValueError, match=r"another smoke suite \(differs in \['store_tokens'\]\).*--force"):
+        Run(other, tmp_path, "r", progress=False)
+    assert Run(other, tmp_path, "r", force=True, progress=False).meta["config"]["store_tokens"] == 7_000
