@@ -175,9 +175,17 @@ class ModelContext:
 
     @cached_property
     def prompt_sets(self) -> dict[str, Any]:
-        from bench.prompts import filter_correct, get_prompt_set
+        from bench.prompts import PromptSet, filter_correct, get_prompt_set
 
-        return {n: filter_correct(get_prompt_set(n), self.backend.score_prompts) for n in self.suite.prompt_sets}
+        out = {}
+        for n in self.suite.prompt_sets:
+            ps = get_prompt_set(n)
+            cap = self.suite.max_prompts
+            if cap is not None and len(ps) > cap:  # a seeded sample of the written prompts, before filtering
+                keep = np.sort(np.random.default_rng(self.suite.seed).choice(len(ps), size=cap, replace=False))
+                ps = PromptSet(ps.name, [ps.prompts[i] for i in keep], n_written=cap)
+            out[n] = filter_correct(ps, self.backend.score_prompts)
+        return out
 
     @cached_property
     def unrelated_texts(self) -> list[str]:

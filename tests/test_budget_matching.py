@@ -54,3 +54,22 @@ def test_a_match_target_missing_from_the_suite_is_named():
         dataclasses.replace(get_suite("smoke"), methods=[MethodSpec("random", match="K", match_to=["ep"])])
     with pytest.raises(ValueError, match="match must be one of"):
         MethodSpec("random", match="flops", match_to=["ep"])
+
+
+def test_max_prompts_takes_a_seeded_sample_before_filtering():
+    import numpy as np
+
+    class AllCorrect:  # a backend stand-in that answers every prompt
+        @staticmethod
+        def score_prompts(prompts, targets, contrasts):
+            return np.ones(len(prompts)), np.ones(len(prompts), dtype=bool)
+
+    suite = dataclasses.replace(get_suite("default"), prompt_sets=["country_continent"], max_prompts=12)
+    sets = []
+    for _ in range(2):
+        c = ModelContext(suite, "smollm2-135m", progress=False)
+        c.__dict__["backend"] = AllCorrect()
+        sets.append(c.prompt_sets["country_continent"])
+    assert sets[0].n_written == 12 and len(sets[0]) == 12
+    assert sets[0].texts == sets[1].texts  # the same sample every time
+

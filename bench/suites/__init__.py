@@ -106,6 +106,7 @@ class Suite:
     # names in bench.prompts.PROMPT_SETS (e.g. country_capital, country_continent, country_demonym,
     # country_language) or user files PATH.jsonl (prompt, target, contrast per line)
     prompt_sets: list[str] = field(default_factory=lambda: ["capitals", "city_country", "city_continent"])
+    max_prompts: int | None = None  # per causal set, a seeded sample of this many written prompts (None: all)
     ood_sets: list[str] = field(default_factory=lambda: ["random_tokens", "shuffled_words"])
     side_effect_texts: int = 16  # unrelated texts for KL side effects and loss recovered
     family_layers: dict[str, list[int]] = field(default_factory=dict)  # e.g. {"causal": [12]}: fewer layers for
