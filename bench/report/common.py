@@ -115,7 +115,7 @@ def annotate_rows(df: pd.DataFrame) -> pd.DataFrame:
     from bench.verdict import EV_FLOOR
 
     K, tok, flops = (_per_artefact(df, m) for m in ("build.K", "build.tokens", "build.flops"))
-    df["budget"] = [", ".join(x for x in (f"K {fmt_num(k)}" if k == k else "", f"{fmt_num(t)} tok" if t == t else "",
+    df["budget"] = [", ".join(x for x in (f"K {int(k):,}" if k == k else "", f"{int(t):,} tok" if t == t else "",
                                           f"{f:.2g} FLOP" if f == f and f > 0 else "") if x)
                     for k, t, f in zip(K, tok, flops)]
     ev, lr = _per_artefact(df, "build.heldout_explained_variance"), _per_artefact(df, "recon.loss_recovered")
