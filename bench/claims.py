@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from bench.verdict import Comparison, VerdictConfig, compare, load_cells, unit_table
+from bench.verdict import Comparison, Verdict, VerdictConfig, compare, load_cells, unit_table, verdict_table
 
 REPRODUCED, NOT_REPRODUCED, NOT_TESTABLE = "reproduced", "not reproduced", "not testable here"
 
@@ -39,7 +39,9 @@ def rows_table(cells: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _fmt(v: float, digits: int = 3) -> str:
-    return "—" if v is None or not np.isfinite(v) else (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}f}")
+    if v is None or not np.isfinite(v):
+        return "—"
+    return f"{v:,.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.{digits}f}"
 
 
 def _ep(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -61,18 +63,23 @@ def _primary_sae(df: pd.DataFrame) -> str | None:
 def claim_saturation(df: pd.DataFrame) -> ClaimResult:
     claim = "At coarse p (8, 10) discovery saturates: regions stop appearing after a few 1e5 tokens"
     pub = "published: Gemma-2-2B L12 p8: K 292 after 313,728 tokens; p10: K 203 after 346,752"
-    crit = "every EP build at p >= 8 stopped by saturation (sat_window batches without a new region) before the store ended"
+    crit = ("every EP build at p >= 8 stopped by saturation (sat_window batches without a new region) before the store "
+            "ended (fewer tokens streamed than the finest p read)")
     p = _p_of(df)
     coarse = [m for m, v in p.items() if v >= 8]
     sat = _ep(df, "build.saturated")
     sat = sat[sat["method"].isin(coarse)]
     if sat.empty:
         return ClaimResult(claim, pub, crit, "no EP build at p >= 8 in this run", NOT_TESTABLE, "add p=8 or 10")
-    tok = _ep(df, "build.tokens").set_index(["method", "layer"])["value"]
+    tokens = _ep(df, "build.tokens")
+    tok = tokens.set_index(["method", "layer"])["value"]
+    store = tokens.groupby("layer")["value"].max()  # the most any percentile read: the store, unless all saturated
     K = _ep(df, "build.K").set_index(["method", "layer"])["value"]
-    parts = [f"{r.method} L{r.layer}: K {_fmt(K.get((r.method, r.layer)))} after {_fmt(tok.get((r.method, r.layer)))} "
-             f"tokens ({'saturated' if r.value else 'store ended'})" for r in sat.itertuples()]
-    ok = bool((sat["value"] > 0).all())
+    early = {(r.method, r.layer): bool(r.value) and tok.get((r.method, r.layer)) < store[r.layer]
+             for r in sat.itertuples()}
+    parts = [f"{m} L{L}: K {_fmt(K.get((m, L)))} after {_fmt(tok.get((m, L)))} tokens "
+             f"({'saturated' if e else 'store ended'})" for (m, L), e in early.items()]
+    ok = all(early.values())
     return ClaimResult(claim, pub, crit, "; ".join(parts), REPRODUCED if ok else NOT_REPRODUCED,
                        "" if ok else "the store ran out before saturation: extract more tokens (the full suite)")
 
@@ -103,24 +110,29 @@ def _paired_claim(units: pd.DataFrame, a: str, b: str, metric: str, metric_b: st
             f"Δ {r.diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], p {r.p:.3g}, n {r.n}")
 
 
-def claim_detection(df: pd.DataFrame, units: pd.DataFrame) -> ClaimResult:
+def claim_detection(df: pd.DataFrame, units: pd.DataFrame, verdicts: list[Verdict]) -> ClaimResult:
     claim = ("EP's per-concept region (supervised choice) detects concepts better than an SAE feature chosen the "
              "same way, and about as well as the SAE's best training-AUROC latent (SAE-A)")
     pub = "published: AxBench, Gemma-2-2B-it L20, 500 concepts: EP p1 0.881; canonical Gemma Scope 0.755; SAE-A 0.911"
-    crit = ("paired over concepts (all layers pooled): EP (finest p) beats the SAE's selected feature with the CI of "
-            "the difference above 0; our SAE is trained on the store, with no concept labels, so the 'canonical' "
-            "feature is the train-split choice")
+    crit = ("the verdict table's row EP (finest p) vs the SAE on detection.auroc says `better` (paired over concepts, "
+            "Holm-adjusted); our SAE is trained on the store, with no concept labels, so the 'canonical' feature is the "
+            "train-split choice")
     sae = _primary_sae(df)
     p = _p_of(df)
     if not p or sae is None or "detection.auroc" not in set(units.get("metric", [])):
         return ClaimResult(claim, pub, crit, "no EP or SAE detection rows", NOT_TESTABLE, "run EP, an SAE, detection")
     ep = min(p, key=p.get)
-    vs_sel = _paired_claim(units, ep, sae, "detection.auroc")
+    row = next((v for v in verdicts if (v.comparison.a, v.comparison.b, v.comparison.metric)
+                == (ep, sae, "detection.auroc")), None)
+    if row is None or row.result is None:
+        return ClaimResult(claim, pub, crit, "too few concepts", NOT_TESTABLE, "needs >= 5 concepts")
+    r = row.result
+    vs_sel = (f"{ep} {_fmt(r.mean_a)} vs {sae} {_fmt(r.mean_b)}: Δ {r.diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+              f"Holm p {row.p_holm:.3g} ({row.verdict}), n {r.n}")
     vs_a = _paired_claim(units, ep, sae, "detection.auroc", "detection.auroc_best_latent")
-    r = compare(units, Comparison(ep, sae, "claim", "detection.auroc"), VerdictConfig())
-    status = NOT_TESTABLE if r is None else (REPRODUCED if r.ci_low > 0 else NOT_REPRODUCED)
-    return ClaimResult(claim, pub, crit, "; ".join(x for x in (vs_sel, vs_a) if x) or "too few concepts", status,
-                       "different model and concepts (SmolLM2, WordNet/BBC); direction tested, not the values")
+    status = REPRODUCED if row.verdict == "better" else NOT_REPRODUCED
+    return ClaimResult(claim, pub, crit, "; ".join(x for x in (vs_sel, vs_a and f"{vs_a} (unadjusted)") if x), status,
+                       "different model and concepts (SmolLM2, WordNet/BBC); the direction is tested, not the values")
 
 
 def claim_correspondence(df: pd.DataFrame) -> ClaimResult:
@@ -235,11 +247,12 @@ def claim_calibration(df: pd.DataFrame) -> ClaimResult:
                        f"model-specific; this run has {', '.join(models) or 'no EP'}")
 
 
-def scorecard(run_dir: Path) -> list[ClaimResult]:
-    """Every claim of the spec's published-figures list, scored on one run."""
+def scorecard(run_dir: Path, verdicts: list[Verdict] | None = None) -> list[ClaimResult]:
+    """Every claim of the spec's published-figures list, scored on one run (paired claims read the verdict table)."""
     cells = load_cells(run_dir)
     df, units = rows_table(cells), unit_table(cells)
     if df.empty:
         return []
-    return [claim_k_vs_p(df), claim_saturation(df), claim_calibration(df), claim_detection(df, units),
+    verdicts = verdict_table(run_dir) if verdicts is None else verdicts
+    return [claim_k_vs_p(df), claim_saturation(df), claim_calibration(df), claim_detection(df, units, verdicts),
             claim_correspondence(df), claim_probing(df), claim_tokens(df), claim_ood(df), claim_refusal(df)]

@@ -116,10 +116,16 @@ def test_claims_refusal_not_testable_on_a_compliant_model_and_saturation():
     df = rows_table([{"method_family": "", "rows": [row]}])
     c = claim_refusal(df)
     assert c.status == NOT_TESTABLE and "0.05" in c.measured
-    build = [{"method": "ep:p=8", "model": "m", "layer": 8, "metric": m, "value": v, "n": 1, "detail": "", "seed": 0}
-             for m, v in (("build.percentile", 8), ("build.saturated", 1.0), ("build.K", 150), ("build.tokens", 9e4))]
-    s = claim_saturation(rows_table([{"method_family": "ep", "rows": build}]))
-    assert s.status == REPRODUCED and "saturated" in s.measured
+    def build(p, sat, K, tokens):
+        return [{"method": f"ep:p={p}", "model": "m", "layer": 8, "metric": m, "value": v, "n": 1, "detail": "",
+                 "seed": 0} for m, v in (("build.percentile", p), ("build.saturated", sat), ("build.K", K),
+                                         ("build.tokens", tokens))]
+
+    s = claim_saturation(rows_table([{"method_family": "ep", "rows": build(8, 1.0, 150, 9e4) + build(1, 0.0, 5e3, 1e6)}]))
+    assert s.status == REPRODUCED and "K 150 after 90,000 tokens (saturated)" in s.measured
+    # a "saturated" flag on the store's last batch is not saturation before the store ended
+    s = claim_saturation(rows_table([{"method_family": "ep", "rows": build(8, 1.0, 150, 1e6) + build(1, 0.0, 5e3, 1e6)}]))
+    assert s.status != REPRODUCED and "store ended" in s.measured
 
 
 def test_report_opens_with_verdicts_and_scorecard_and_marks_undertrained_saes(tmp_path):

@@ -20,6 +20,7 @@ from bench.report.plots import make_plots
 from bench.report.published import load_published, paper_md  # noqa: F401
 from bench.report.tables import family_md, header_md, headline_md, primary_concept_set  # noqa: F401
 from bench.report.verdicts import baselines_md, scorecard_md, seeds_md, verdict_md
+from bench.verdict import verdict_table
 
 # --------------------------------------------------------------------------------------------------------
 # Entry points
@@ -32,7 +33,9 @@ def write_report(run_dir: Path) -> Path:
     published = load_published()
     concept_set = primary_concept_set(df, info)
     plots = make_plots(df, run_dir, published, concept_set)
-    md = header_md(info, df, run_dir) + verdict_md(run_dir) + scorecard_md(run_dir) + headline_md(df, concept_set)
+    verdicts = verdict_table(run_dir)  # computed once: the verdict table and the scorecard's paired claims
+    md = header_md(info, df, run_dir) + verdict_md(run_dir, verdicts) + scorecard_md(run_dir, verdicts)
+    md += headline_md(df, concept_set)
     md += baselines_md(run_dir, plots.get("sae_curves")) + seeds_md(run_dir)
     md += ["## Metric families", "",
            (f"Every row of the run, grouped by metric family (details cut at {DETAIL_WIDTH} characters; rows.csv has "

@@ -9,8 +9,7 @@ import pandas as pd
 
 from bench.claims import scorecard
 from bench.report.common import MISSING, fmt_num, md_table
-from bench.verdict import CONTROL, EV_FLOOR, HEADLINE_METRICS, Verdict, artefact_table, load_cells, seed_spread, \
-    verdict_table
+from bench.verdict import CONTROL, EV_FLOOR, HEADLINE_METRICS, Verdict, artefact_table, load_cells, seed_spread
 
 DIRECTION = {+1: "higher is better", -1: "lower is better"}
 
@@ -24,9 +23,8 @@ def _p(x: float) -> str:
     return MISSING if x != x else (f"{x:.2g}" if x >= 0.001 else "<0.001")
 
 
-def verdict_md(run_dir: Path) -> list[str]:
+def verdict_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
     """The paired verdict table (layers pooled), grouped by metric; Holm over the whole table."""
-    verdicts = verdict_table(run_dir)
     out = ["## Verdict", ""]
     if not verdicts:
         return out + ["(no per-unit values in this run's cell files: rerun it with this epbench to get verdicts)", ""]
@@ -57,9 +55,9 @@ def verdict_md(run_dir: Path) -> list[str]:
     return out
 
 
-def scorecard_md(run_dir: Path) -> list[str]:
+def scorecard_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
     """The paper's claims, each restated, measured here and marked."""
-    claims = scorecard(run_dir)
+    claims = scorecard(run_dir, verdicts)
     out = ["## The paper's claims, scored", ""]
     if not claims:
         return out + ["(no rows)", ""]
