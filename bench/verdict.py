@@ -295,8 +295,8 @@ def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None, by_layer: boo
         scopes = [[L] for L in sorted(set(units["layer"]))] if by_layer else [None]
         for layers in scopes:
             r = compare(units, comp, cfg, layers)
-            if r is None and comp.b != CONTROL and not _has(units, comp):
-                continue  # the pair was never measured on this metric (e.g. causal at one layer only)
+            if r is None and not _has(units, comp):
+                continue  # the pair was never measured on this metric (e.g. causal on a few artefacts only)
             c = Comparison(**{**asdict(comp), "layers": layers or _layers(units, comp)})
             comps.append(c)
             results.append(r)
@@ -304,8 +304,8 @@ def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None, by_layer: boo
 
 
 def _has(units: pd.DataFrame, comp: Comparison) -> bool:
-    m = units[units["metric"] == comp.metric]
-    return bool(set(m.loc[m["method"] == comp.a, "layer"]) & set(m.loc[m["method"] == comp.b, "layer"]))
+    """Whether both sides were measured at some common layer (a control is measured with its artefact)."""
+    return bool(_layers(units, comp))
 
 
 def _layers(units: pd.DataFrame, comp: Comparison) -> list[int]:
