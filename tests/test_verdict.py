@@ -171,3 +171,16 @@ def test_resuming_a_run_with_another_suite_grid_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"another smoke suite \(differs in \['store_tokens'\]\).*--force"):
         Run(other, tmp_path, "r", progress=False)
     assert Run(other, tmp_path, "r", force=True, progress=False).meta["config"]["store_tokens"] == 7_000
+
+
+def test_an_unfinished_run_says_so_at_the_top(tmp_path):
+    from bench.report import write_report
+
+    cells = [_cell("m", 4, "ep:p=2", "ep", "detection.auroc", {f"c{i}": 0.5 + i / 100 for i in range(6)})]
+    run = _write(tmp_path, cells)
+    rows = [{**{k: v for k, v in r.items() if k != "units"}, "method_family": "ep", "suite": "full", "cell_id": "x",
+             "store_id": "s", "git_commit": "abc", "started": "", "finished": ""} for r in cells[0]["rows"]]
+    pd.DataFrame(rows).to_parquet(run / "rows.parquet")
+    (run / "run.json").write_text(json.dumps({"run_id": "full", "suite": "full", "started": "2026-11-30T03:00:00Z"}))
+    head = write_report(run).read_text()[:2000]
+    assert "**Unfinished run**: 1 cells have finished so far" in head and "--run-id full" in head

@@ -21,6 +21,10 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> list[str
     evidence = (info.get("config") or {}).get("evidence")
     if evidence:
         out += [f"> **Level of evidence**: {evidence}", ""]
+    if info and not info.get("finished"):
+        n_cells = len(list((run_dir / "cells").glob("*.json")))
+        out += [f"> **Unfinished run**: {n_cells} cells have finished so far; `epbench run --suite {suite} --run-id "
+                f"{info.get('run_id', run_dir.name)}` continues it. Every table below covers those cells only.", ""]
     if str(commit).endswith("-dirty"):
         out += ["> **Not a reference result**: computed from a working tree with uncommitted changes (`-dirty`).", ""]
     if not info:
