@@ -686,10 +686,14 @@ class Run:
         meta_path = self.dir / "run.json"
         old = None if force else _read_run_json(meta_path)
         config = json.loads(json.dumps(suite.to_dict(), default=str))
-        if old is not None and old.get("config") not in (None, config):
-            changed = sorted(k for k in set(config) | set(old["config"]) if config.get(k) != old["config"].get(k))
-            raise ValueError(f"run {self.dir} was started with another {suite.name} suite (differs in {changed}); "
-                             "resuming would mix two grids: pass --force to restart it or choose another --run-id")
+        if old is not None and old.get("config") is not None:
+            # a field added to Suite since the run started reads as its default: the grid is unchanged
+            was = {**_suite_defaults(suite, set(config) - set(old["config"])), **old["config"]}
+            changed = sorted(k for k in set(config) | set(was) if config.get(k) != was.get(k))
+            if changed:
+                raise ValueError(f"run {self.dir} was started with another {suite.name} suite (differs in {changed});"
+                                 " resuming would mix two grids: pass --force to restart it or choose another --run-id")
+            old["config"] = config
         self.meta = old or {
             "run_id": self.run_id, "suite": suite.name, "config": config,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": 0.0}
@@ -785,6 +789,18 @@ def _cell_records(cells_dir: Path) -> Iterator[dict[str, Any]]:
         rec = read_cell(p)
         if rec is not None:
             yield rec
+
+
+def _suite_defaults(suite: Suite, names: set[str]) -> dict[str, Any]:
+    """The JSON form of the Suite fields' defaults for `names`."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(suite):
+        if f.name in names:
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = json.loads(json.dumps(value, default=str))
+    return out
 
 
 def _read_run_json(path: Path) -> dict[str, Any] | None:

@@ -184,3 +184,15 @@ def test_an_unfinished_run_says_so_at_the_top(tmp_path):
     (run / "run.json").write_text(json.dumps({"run_id": "full", "suite": "full", "started": "2026-11-30T03:00:00Z"}))
     head = write_report(run).read_text()[:2000]
     assert "**Unfinished run**: 1 cells have finished so far" in head and "--run-id full" in head
+
+
+def test_a_suite_field_added_since_the_run_started_resumes_at_its_default(tmp_path):
+    from bench.runner import Run
+    from bench.suites import get_suite
+
+    suite = get_suite("smoke")
+    Run(suite, tmp_path, "r", progress=False)
+    meta = json.loads((tmp_path / "r" / "run.json").read_text())
+    del meta["config"]["max_prompts"]  # as written before the field existed
+    (tmp_path / "r" / "run.json").write_text(json.dumps(meta))
+    assert Run(suite, tmp_path, "r", progress=False).meta["config"]["max_prompts"] is None
