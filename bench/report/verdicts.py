@@ -27,7 +27,8 @@ def verdict_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
     """The paired verdict table (layers pooled), grouped by metric; Holm over the whole table."""
     out = ["## Verdict", ""]
     if not verdicts:
-        return out + ["(no per-unit values in this run's cell files: rerun it with this epbench to get verdicts)", ""]
+        return out + ["(no comparison yet: the finished cells hold no pair of methods measured on the same units; "
+                      "finish or resume the run)", ""]
     tested = sum(v.result is not None for v in verdicts)
     counts = pd.Series([v.verdict for v in verdicts]).value_counts().to_dict()
     out += [(f"Each row compares A with B on one metric over the **same units** (concepts; prompts for causal "
