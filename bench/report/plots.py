@@ -28,6 +28,15 @@ def _plt():
     return plt, sns
 
 
+def _save(fig, path: Path) -> None:
+    """Lay out, write and close a figure (every plot of the report the same way)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _cells_by(d: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """One pooled Cell per group of `keys` as columns value / lo / hi / k."""
     recs = []
@@ -76,9 +85,7 @@ def plot_metric_bars(df: pd.DataFrame, metric: str, path: Path) -> None:
         ax.set_ylabel(metric)
         ax.legend(title="layer", fontsize=7)
     fig.suptitle(f"{metric} (95% CI; * bars without CI pool several settings)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_pareto(df: pd.DataFrame, path: Path) -> str | None:
@@ -119,9 +126,7 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> str | None:
         ax.set_ylabel(quality)
         ax.set_title(model)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return quality
 
 
@@ -151,9 +156,7 @@ def plot_k_vs_p(df: pd.DataFrame, published: list[Published], path: Path) -> boo
     ax.set_ylabel("K (regions)")
     ax.set_title("EP dictionary size vs p")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -188,9 +191,7 @@ def plot_stability(df: pd.DataFrame, path: Path) -> bool:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -211,9 +212,7 @@ def plot_correspondence(df: pd.DataFrame, run_dir: Path, path: Path) -> str | No
         ax.set_ylabel("regions")
         ax.set_title("EP-SAE correspondence")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _save(fig, path)
         return "histogram"
     if (df["metric"] == "correspondence.share_f1>0.5").any():
         plot_metric_bars(df, "correspondence.share_f1>0.5", path)
@@ -246,9 +245,7 @@ def plot_sae_curves(run_dir: Path, path: Path) -> bool:
         if key == "heldout_explained_variance":
             ax.axhline(EV_FLOOR, color="red", ls="--", lw=0.8)
     axes[-1].legend(fontsize=5, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
