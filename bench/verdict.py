@@ -279,8 +279,8 @@ def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str]) -> list[Compari
     return out
 
 
-def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None, by_layer: bool = False) -> list[Verdict]:
-    """Every planned comparison on every headline metric, pooled over layers (or one row per layer)."""
+def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None) -> list[Verdict]:
+    """Every planned comparison on every headline metric, pooled over the layers both sides were measured at."""
     cfg = cfg or VerdictConfig()
     cells = load_cells(run_dir)
     units, arts = unit_table(cells), artefact_table(cells)
@@ -292,23 +292,16 @@ def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None, by_layer: boo
     comps: list[Comparison] = []
     results: list[PairedResult | None] = []
     for comp in plan_comparisons(arts, metrics):
-        scopes = [[L] for L in sorted(set(units["layer"]))] if by_layer else [None]
-        for layers in scopes:
-            r = compare(units, comp, cfg, layers)
-            if r is None and not _has(units, comp):
-                continue  # the pair was never measured on this metric (e.g. causal on a few artefacts only)
-            c = Comparison(**{**asdict(comp), "layers": layers or _layers(units, comp)})
-            comps.append(c)
-            results.append(r)
+        layers = _layers(units, comp)
+        if not layers:
+            continue  # the pair was never measured on this metric (e.g. causal on a few artefacts only)
+        comps.append(Comparison(**{**asdict(comp), "layers": layers}))
+        results.append(compare(units, comp, cfg))
     return decide(results, comps, cfg)
 
 
-def _has(units: pd.DataFrame, comp: Comparison) -> bool:
-    """Whether both sides were measured at some common layer (a control is measured with its artefact)."""
-    return bool(_layers(units, comp))
-
-
 def _layers(units: pd.DataFrame, comp: Comparison) -> list[int]:
+    """Layers at which both sides were measured (a control is measured with its artefact)."""
     m = units[units["metric"] == comp.metric]
     la = set(m.loc[m["method"] == comp.a, "layer"])
     lb = la if comp.b == CONTROL else set(m.loc[m["method"] == comp.b, "layer"])
