@@ -7,14 +7,16 @@ Artefacts are cached by (store id, method spec) under the epbench cache, so cell
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -284,7 +286,6 @@ class ModelContext:
         """The spec's key, extended by its match targets' keys (their K / tokens decide what is built)."""
         if not spec.match:
             return spec.key()
-        import hashlib
 
         parts = [spec.key()] + [self.spec_key(self.spec(label)) for label in spec.match_to]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:10]
@@ -292,7 +293,6 @@ class ModelContext:
     def inputs_key(self, spec: MethodSpec) -> str:
         """Hash of what an artefact is fitted on beyond store and settings: the suite layers, the concept sets
         (names and labelled texts) for supervised methods, and the method's code (its module and methods.common)."""
-        import hashlib
         import inspect
 
         from methods.registry import get_method
@@ -341,7 +341,7 @@ class ModelContext:
 
     def _build_and_save(self, spec: MethodSpec, root: Path) -> dict[int, list[Artefact]]:
         (root / "index.json").unlink(missing_ok=True)  # the index is rewritten last, once every artefact landed
-        built = self.build(spec)
+        built = self.build(spec, fits_dir=root / "fits")
         paths: dict[str, list[str]] = {}
         for L, arts in built.items():
             paths[str(L)] = []
@@ -350,16 +350,36 @@ class ModelContext:
                 a.save(root / rel)
                 paths[str(L)].append(rel)
         _atomic_json(root / "index.json", paths)
+        shutil.rmtree(root / "fits", ignore_errors=True)  # the per-fit checkpoints are in the index now
         return built
 
-    def build(self, spec: MethodSpec) -> dict[int, list[Artefact]]:
-        """Fit one method spec at every suite layer (EP: all layers and percentiles from one pass)."""
+    def _fit(self, spec: MethodSpec, fits_dir: Path | None, layer: int, what: dict[str, Any],
+             fit: Callable[[], Artefact]) -> Artefact:
+        """One fit of `spec` at `layer`, labelled; with `fits_dir`, saved there as soon as it is done and reused when
+        the build runs again, so an interrupted multi-fit build (seeds x layers x targets) resumes at the next fit."""
+        path = None
+        if fits_dir is not None:
+            key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            path = fits_dir / f"L{layer:02d}" / key
+            if (path / "cfg.json").exists():
+                try:
+                    return load_artefact(path)
+                except ArtefactError as e:
+                    print(f"[epbench] checkpointed fit unusable, fitting it again: {e}", flush=True)
+        art = _labelled(spec, fit())
+        if path is not None:
+            art.save(path)
+        return art
+
+    def build(self, spec: MethodSpec, fits_dir: Path | None = None) -> dict[int, list[Artefact]]:
+        """Fit one method spec at every suite layer (EP: all layers and percentiles from one pass); each other fit
+        is checkpointed under `fits_dir` when given (see `_fit`)."""
         from methods.registry import get_method
 
         cls = get_method(spec.method)
         layers = self.suite.layers
         if spec.match:
-            return {L: self._build_matched(spec, L) for L in layers}
+            return {L: self._build_matched(spec, L, fits_dir) for L in layers}
         if spec.method == "ep":
             method = cls(**spec.params)
             built = method.fit_many(self.store, layers)
@@ -369,20 +389,21 @@ class ModelContext:
             method = cls(**params)
             for L in layers:
                 if cls.supervised:
-                    for name, cs in self.concept_sets.items():
-                        art = method.fit(self.store, L, concepts=self.concept_fit_data(name, L))
-                        art.info["concept_set"] = name
-                        art.info["label"] = f"{art.name}[{short_data_label(name)}]"
-                        out[L].append(art)
+                    for name in self.concept_sets:
+                        out[L].append(self._fit(spec, fits_dir, L, {"params": params, "concept_set": name},
+                                                partial(self._fit_supervised, method, name, L)))
                 elif hasattr(method, "fit_many") and spec.method == "kmeans" and isinstance(method.config.k, list):
-                    out[L] += list(method.fit_many(self.store, L))
+                    out[L] += [_labelled(spec, a) for a in method.fit_many(self.store, L)]
                 else:
-                    out[L].append(method.fit(self.store, L))
-        for arts in out.values():
-            for a in arts:
-                if spec.label != spec.method and a.info.get("label", a.method) == a.method:
-                    a.info["label"] = spec.label
+                    out[L].append(self._fit(spec, fits_dir, L, {"params": params},
+                                            partial(method.fit, self.store, L)))
         return out
+
+    def _fit_supervised(self, method: Any, name: str, layer: int) -> Artefact:
+        art = method.fit(self.store, layer, concepts=self.concept_fit_data(name, layer))
+        art.info["concept_set"] = name
+        art.info["label"] = f"{art.name}[{short_data_label(name)}]"
+        return art
 
     def match_targets(self, spec: MethodSpec, layer: int) -> list[Artefact]:
         """The artefacts (one per name: seeds share a budget) whose K or tokens a matched spec copies."""
@@ -396,7 +417,7 @@ class ModelContext:
                              f" at layer {layer} to match; check match_to / match_p against the suite's methods")
         return list(targets.values())
 
-    def _build_matched(self, spec: MethodSpec, layer: int) -> list[Artefact]:
+    def _build_matched(self, spec: MethodSpec, layer: int, fits_dir: Path | None = None) -> list[Artefact]:
         """One artefact per target (per seed) with the target's K or token budget; labelled `<spec>(<target>)`."""
         from methods.registry import get_method
 
@@ -408,13 +429,18 @@ class ModelContext:
                 print(f"[epbench] {spec.label}: skipping {target.name} at layer {layer} (K={target.K} is not a valid "
                       f"{spec.method} size here)", flush=True)
                 continue
+            matched_to = {"artefact": target.name, "kind": spec.match, "K": target.K, "tokens": target.cost.tokens,
+                          "rows": target.cost.rows}
             for params in _seeded({**spec.params, **budget}, spec.seeds):
-                art = cls(**params).fit(self.store, layer)
-                art.info["label"] = f"{spec.label}({target.name})"
-                art.info["matched_to"] = {"artefact": target.name, "kind": spec.match, "K": target.K,
-                                          "tokens": target.cost.tokens, "rows": target.cost.rows}
-                out.append(art)
+                out.append(self._fit(spec, fits_dir, layer, {"params": params, "matched_to": matched_to},
+                                     partial(self._fit_matched, cls(**params), layer, spec.label, matched_to)))
         return out
+
+    def _fit_matched(self, method: Any, layer: int, label: str, matched_to: dict[str, Any]) -> Artefact:
+        art = method.fit(self.store, layer)
+        art.info["label"] = f"{label}({matched_to['artefact']})"
+        art.info["matched_to"] = matched_to
+        return art
 
     def concept_fit_data(self, name: str, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Train-split token rows per concept: (positives, negatives incl. hard negatives), for DiffMean."""
@@ -439,6 +465,13 @@ class ModelContext:
 
 # Config field that sets a method's dictionary size (plugins may declare `size_param` on their Method class).
 SIZE_PARAMS = {"kmeans": "k", "random": "k", "pca": "k", "sae": "width"}
+
+
+def _labelled(spec: MethodSpec, art: Artefact) -> Artefact:
+    """A fit of a spec with its own label (e.g. `kmeans@K-p1`) carries that label unless the fit set one."""
+    if spec.label != spec.method and art.info.get("label", art.method) == art.method:
+        art.info["label"] = spec.label
+    return art
 
 
 def budget_params(spec: MethodSpec, cls: type, target: Artefact) -> dict[str, Any] | None:
@@ -819,7 +852,6 @@ def _read_run_json(path: Path) -> dict[str, Any] | None:
 
 def _cells_digest(cells_dir: Path) -> str:
     """sha256 over the names and bytes of every cell file: what the derived tables must have been built from."""
-    import hashlib
 
     h = hashlib.sha256()
     for p in sorted(cells_dir.glob("*.json")):
@@ -832,7 +864,6 @@ TABLES_RECORD = "tables.json"  # sha256 of rows.parquet, rows.csv and of the cel
 
 def write_tables(run_dir: Path, suite_name: str, git_commit_: str) -> Path:
     """rows.parquet and rows.csv from cells/*.json (the source of truth), plus tables.json recording their sha256."""
-    import hashlib
 
     import pandas as pd
 
@@ -865,7 +896,6 @@ def write_tables(run_dir: Path, suite_name: str, git_commit_: str) -> Path:
 def verify_tables(run_dir: str | Path) -> bool:
     """Check rows.parquet / rows.csv against tables.json and the cells; rebuild them from the cells when a table
     is missing, damaged or stale. Returns True when they were rebuilt (and says why)."""
-    import hashlib
 
     run_dir = Path(run_dir)
     record_path = run_dir / TABLES_RECORD

@@ -2,6 +2,7 @@
 tables checked against the cells, zero-row cells refused, one process per run directory."""
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -193,3 +194,47 @@ def test_a_bit_flipped_store_is_repaired_by_the_next_run(tmp_path, cache, capsys
     again = run_suite(_suite(metrics=("build",)), tmp_path, run_id="b", progress=False, report=False)
     assert "needs repair" in capsys.readouterr().out
     pd.testing.assert_series_equal(_values(again.dir).droplevel(0), _values(first.dir).droplevel(0))
+
+
+def test_an_interrupted_multi_fit_build_resumes_at_the_next_fit(cache, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from bench.store import write_synthetic_store
+    from bench.suites import MethodSpec
+    from methods.random_directions import RandomDirections
+
+    g = torch.Generator().manual_seed(0)
+    store = write_synthetic_store(cache.parent / "store", {L: torch.randn(16, 8, 12, generator=g) for L in (1, 2)})
+    suite = dataclasses.replace(get_suite("smoke"), layers=[1, 2], concept_sets=[],
+                                methods=[MethodSpec("random", {"k": 5}, seeds=[0, 1, 2])])
+    ctx = ModelContext(suite, "synthetic", progress=False, store=store)
+    spec = ctx.spec("random")
+    fitted: list[tuple[int, int]] = []
+    real_fit = RandomDirections.fit
+
+    def counting_fit(self, store, layer, concepts=None):
+        if len(fitted) == 3 and stop_at_fourth:
+            raise KeyboardInterrupt  # the session ends mid-build
+        fitted.append((self.config.seed, layer))
+        return real_fit(self, store, layer)
+
+    monkeypatch.setattr(RandomDirections, "fit", counting_fit)
+    stop_at_fourth = True
+    with pytest.raises(KeyboardInterrupt):
+        ctx._load_or_build(spec)
+    assert fitted == [(0, 1), (0, 2), (1, 1)]
+    stop_at_fourth = False
+    resumed = ctx._load_or_build(spec)
+    assert fitted[3:] == [(1, 2), (2, 1), (2, 2)]  # the three finished fits are not repeated
+    root = next(cache.glob("artefacts/*/random-*/*"))
+    assert not (root / "fits").exists()  # once the index is written the checkpoints are folded into it
+    for path in root.glob("*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    fresh = ctx._load_or_build(spec)  # a build never interrupted gives the same artefacts
+    for L in (1, 2):
+        assert [a.name for a in resumed[L]] == [a.name for a in fresh[L]]
+        for a, b in zip(resumed[L], fresh[L]):
+            assert a.config.seed == b.config.seed
+            torch.testing.assert_close(a.directions, b.directions, rtol=0, atol=0)
