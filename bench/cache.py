@@ -128,6 +128,11 @@ def unique_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{tag}.tmp")
 
 
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """JSON through `atomic_write_text` (no clash between processes; nothing partial left on ENOSPC)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a unique temporary file, fsync it and rename it over `path`; no partial file remains."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
         req = ExtractionRequest(model=args.model, layers=[args.layer], corpus=args.corpus, max_docs=args.max_docs,
                                 **{**STORE_DEFAULTS, **{k: v for k, v in given.items() if k != "max_docs"}})
         store = extract(req, root=args.store_dir, device=args.device)
-    from bench.runner import ModelContext
+    from bench.context import ModelContext
     from bench.suites import MethodSpec, get_suite
 
     suite = dataclasses.replace(get_suite("default"), models=[args.model], layers=[args.layer],

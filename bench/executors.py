@@ -31,8 +31,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench.cache import cache_dir
-from bench.runner import Cell, ModelContext, Run, _atomic_json, _sae_spec
+from bench.cache import atomic_write_json, cache_dir
+from bench.context import ModelContext, sae_spec
+from bench.runner import Cell, Run
 from bench.store import ActivationStore
 from bench.suites import Suite
 
@@ -143,7 +144,7 @@ def build_unit(model: str, label: str) -> str:
 def cell_builds(suite: Suite, cell: Cell) -> list[str]:
     """Method-spec labels whose artefacts a cell reads (its own; EP's cost and correspondence also read the SAE)."""
     labels = [cell.spec]
-    sae = _sae_spec(suite)
+    sae = sae_spec(suite)
     spec = next(s for s in suite.methods if s.label == cell.spec)
     if sae is not None and spec.method == "ep" and cell.family in ("cost", "correspondence"):
         labels.append(sae.label)
@@ -372,7 +373,7 @@ def _submit_and_collect(ray: Any, run: Run, cells: list[Cell], cfg: RayConfig, e
 
     suite = run.suite
     run.meta["executor"] = {"name": "ray", "config": dataclasses.asdict(cfg), "cluster": cluster_info(ray)}
-    _atomic_json(run.dir / "run.json", run.meta)
+    atomic_write_json(run.dir / "run.json", run.meta)
     for model in dict.fromkeys(c.model for c in cells):
         run.context(model)  # fails fast (hub access) before anything is submitted
     extras = str((run.dir / "extras").resolve())
@@ -429,12 +430,12 @@ def _submit_and_collect(ray: Any, run: Run, cells: list[Cell], cfg: RayConfig, e
         record["git_commit"] = run.meta["git_commit"]
         for model, summary in record.pop(DATA_KEY, {}).items():
             _merge(run.meta.setdefault("data", {}).setdefault(model, {}), summary)
-        _atomic_json(run.cell_path(cell), record)
+        atomic_write_json(run.cell_path(cell), record)
         wall += float(record["wall_seconds"])
         bar.update(1)
     bar.close()
     run.meta["wall_seconds"] = float(run.meta.get("wall_seconds", 0.0)) + wall
-    _atomic_json(run.dir / "run.json", run.meta)
+    atomic_write_json(run.dir / "run.json", run.meta)
     run.write_tables()
     if failures:
         lines = "\n".join(f"  {f.unit}: {f.error}" for f in failures)

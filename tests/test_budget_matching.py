@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from bench.runner import ModelContext
+from bench.context import ModelContext
 from bench.store import write_synthetic_store
 from bench.suites import MethodSpec, get_suite
 

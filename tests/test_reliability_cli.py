@@ -165,13 +165,13 @@ def test_artefact_folder_names_never_nest_or_grow_with_paths():
 
 def test_build_with_an_absolute_concept_path_writes_one_flat_folder(env, tmp_path, monkeypatch, capsys):
     """`--concepts axbench:/abs/path` used to nest the output folder along the data path."""
-    import bench.runner as runner
+    from bench.context import ModelContext
     from methods.diffmean import DiffMeanArtefact, DiffMeanConfig
 
     label = f"diffmean[axbench:{tmp_path}/a/b/prod_2b_l20_v1]"
     art = DiffMeanArtefact(DiffMeanConfig(), {"directions": torch.eye(64)[:2], "diff_norms": torch.ones(2)},
                            {"label": label, "concepts": ["a", "b"]})
-    monkeypatch.setattr(runner.ModelContext, "build", lambda self, spec: {1: [art]})
+    monkeypatch.setattr(ModelContext, "build", lambda self, spec, fits_dir=None: {1: [art]})
     out = tmp_path / "arts"
     assert main(["build", "--method", "diffmean", "--model", "tiny-gemma2", "--layer", "1", "--corpus", env,
                  "--tokens", "600", "--ctx-len", "32", "--out", str(out)]) == 0
@@ -180,9 +180,9 @@ def test_build_with_an_absolute_concept_path_writes_one_flat_folder(env, tmp_pat
 
 
 def test_disk_full_during_a_run_is_one_line_and_the_rerun_resumes(env, monkeypatch, capsys, tmp_path):
-    import bench.runner as runner
+    import bench.cache
 
-    real, written = runner.atomic_write_text, []
+    real, written = bench.cache.atomic_write_text, []
 
     def full(path, text):
         if Path(path).parent.name == "cells" and written:  # the second cell finds the disk full
@@ -194,7 +194,7 @@ def test_disk_full_during_a_run_is_one_line_and_the_rerun_resumes(env, monkeypat
             written.append(path)
         return real(path, text)
 
-    monkeypatch.setattr(runner, "atomic_write_text", full)
+    monkeypatch.setattr(bench.cache, "atomic_write_text", full)
     argv = ["run", "--suite", "smoke", "--layers", "1", "--method", "pca", "--metrics", "build", "retrieval",
             "--results-dir", str(tmp_path / "r"), "--run-id", "x", "--no-report"]
     assert main(argv) == 2
@@ -202,5 +202,5 @@ def test_disk_full_during_a_run_is_one_line_and_the_rerun_resumes(env, monkeypat
     assert "cells/" in line and "No space left on device; free disk space" in line  # progress bars aside
     cells = tmp_path / "r" / "x" / "cells"
     assert len(list(cells.glob("*.json"))) == 1 and not list(cells.glob("*.tmp"))
-    monkeypatch.setattr(runner, "atomic_write_text", real)
+    monkeypatch.setattr(bench.cache, "atomic_write_text", real)
     assert main(argv) == 0 and "1 already finished" in capsys.readouterr().out

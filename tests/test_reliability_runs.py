@@ -13,7 +13,9 @@ import pytest
 
 from bench.cache import LockBusy
 from bench.cli import narrow_suite
-from bench.runner import FAMILIES, ModelContext, Run, run_suite, verify_tables
+from bench.context import ModelContext
+from bench.families import FAMILIES
+from bench.runner import Run, run_suite, verify_tables
 from bench.suites import get_suite
 
 ROOT = Path(__file__).resolve().parents[1]

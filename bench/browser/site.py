@@ -108,7 +108,7 @@ def _wanted(art_or_label: str, methods: list[str] | None) -> bool:
 
 def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
     """One LayerSource per (model, layer) of a run: artefacts through ModelContext (the run's cache)."""
-    from bench.runner import ModelContext
+    from bench.context import ModelContext
 
     suite = suite_of_run(run_dir)
     layers = [L for L in suite.layers if cfg.layers is None or L in cfg.layers]

@@ -18,6 +18,7 @@ METRIC_FAMILIES = (
 )
 # Families computed once per (model, method spec) across all layers rather than per layer.
 CROSS_LAYER_FAMILIES = ("stability",)
+ALL_LAYERS = -1  # the layer of a cross-layer family's cell
 
 # Short parameter aliases accepted in method strings such as "ep:p=2" or "sae:width=2048,k=32".
 ALIASES = {"ep": {"p": "percentiles"}, "kmeans": {}}

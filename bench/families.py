@@ -1,0 +1,193 @@
+"""Metric families: one function per family turns a cell (model, layer, method spec) into metric rows.
+
+Each reads the data and artefacts it needs from the model's `ModelContext` and calls the metric code in `metrics/`;
+`FAMILIES` maps a family name (as in `Suite.metrics`) to its function.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from bench.context import ModelContext, fit_quality, sae_spec
+from metrics.common import MetricRow
+
+if TYPE_CHECKING:
+    from bench.runner import Cell
+
+
+def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.common import row
+
+    rows = []
+    for a in ctx.cell_artefacts(cell):
+        c = a.cost
+        values = {"build.K": a.K, "build.tokens": c.tokens, "build.rows": c.rows, "build.flops": c.flops,
+                  "build.wall_seconds": c.wall_seconds, "build.peak_memory_mb": c.peak_memory_bytes / 2**20}
+        if "theta" in a.info:
+            values.update({"build.theta": a.info["theta"], "build.percentile": a.info["p"],
+                           "build.center_norm": a.info["calibration"]["center_norm"],
+                           "build.saturated": float(str(a.info.get("stop_reason", "")).startswith("saturat"))})
+        q = fit_quality(a) or {}
+        if a.method == "sae" and q:
+            values.update({"build.heldout_explained_variance": q["explained_variance"],
+                           "build.converged": float(bool(q["converged"])), "build.epochs": q["epochs"]})
+        if a.method == "kmeans" and q.get("iterations") is not None:
+            values.update({"build.iterations": q["iterations"], "build.converged": float(bool(q["converged"])),
+                           "build.objective": q["objective"]})
+        # stop reasons (free text with measured numbers) stay in the cell's artefact records, not in row details
+        rows += [row(a, k, float("nan") if v is None else v, layer=cell.layer) for k, v in values.items()]
+    return rows
+
+
+def _with_setting(setting: str, detail: str) -> str:
+    """Detail led by the data set it was measured on (unless the metric already put it first)."""
+    if not detail:
+        return setting
+    return detail if detail.split(";")[0].strip() == setting else f"{setting}; {detail}"
+
+
+def _concept_family(fn_name: str) -> Callable[[ModelContext, Cell], list[MetricRow]]:
+    def run(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+        import importlib
+
+        module, func = fn_name.split(":")
+        fn = getattr(importlib.import_module(module), func)
+        rows = []
+        for name, cs in ctx.concept_sets.items():
+            ta = ctx.concept_acts(name, cell.layer)
+            for a in ctx.for_concept_set(ctx.cell_artefacts(cell), name):
+                for r in fn(a, cs, ta, seed=ctx.suite.seed):
+                    r.detail = _with_setting(name, r.detail)
+                    rows.append(r)
+        return rows
+
+    return run
+
+
+def _ood_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.ood import ood_metrics
+
+    ind = ctx.heldout_acts(cell.layer)
+    oods = {n: ctx.text_acts(f"ood:{n}", t, cell.layer) for n, t in ctx.ood_texts.items()}
+    rows = []
+    for a in ctx.cell_artefacts(cell):
+        rows += ood_metrics(a, ind, oods, theta=a.info.get("theta"), seed=ctx.suite.seed)
+    return rows
+
+
+def _causal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.causal import CausalConfig, causal_metrics
+
+    rows = []
+    cfg = CausalConfig(seed=ctx.suite.seed, alphas=tuple(ctx.suite.causal_alphas))
+    for name, ps in ctx.prompt_sets.items():
+        for a in ctx.cell_artefacts(cell):
+            if a.supervised:
+                continue  # DiffMean directions are per concept set, not per prompt attribute
+            for r in causal_metrics(a, ctx.backend, ps, ctx.unrelated_texts[: ctx.suite.causal_unrelated_texts],
+                                    config=cfg, layer=cell.layer):
+                r.detail = _with_setting(name, r.detail)
+                rows.append(r)
+    return rows
+
+
+def _recon_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.reconstruction import reconstruction_metrics
+
+    rows = []
+    for a in ctx.cell_artefacts(cell):
+        rows += reconstruction_metrics(a, ctx.backend, ctx.unrelated_texts, layer=cell.layer, ctx_len=ctx.suite.ctx_len,
+                                       seed=ctx.suite.seed)
+    return rows
+
+
+def _cost_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.cost import compare_costs, encode_throughput
+
+    acts = next(ctx.store.batches(cell.layer, batch_contexts=32)).acts
+    rows = []
+    arts = ctx.cell_artefacts(cell)
+    for a in arts:
+        rows += encode_throughput(a, acts, seed=ctx.suite.seed)
+    sae = sae_spec(ctx.suite)
+    if ctx.spec(cell.spec).method == "ep" and sae is not None:
+        for a in arts:
+            rows += compare_costs(a, ctx.artefacts(sae.label, cell.layer)[0], seed=ctx.suite.seed)
+    return rows
+
+
+def _correspondence_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.correspondence import correspondence_metrics
+
+    sae = ctx.artefacts(sae_spec(ctx.suite).label, cell.layer)[0]
+    inputs = ctx.heldout_acts(cell.layer)
+    rows = []
+    for a in ctx.cell_artefacts(cell):
+        extras: dict[str, np.ndarray] = {}
+        rows += correspondence_metrics(a, sae, inputs, unit="text", seed=ctx.suite.seed, extras=extras)
+        ctx.save_extra(f"correspondence_{cell.model}_L{cell.layer:02d}_{a.name}", extras["best_f1"])
+    return rows
+
+
+def _stability_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    from metrics.stability import (
+        StabilityConfig,
+        concept_stability,
+        cross_layer_stability,
+    )
+
+    layers = ctx.suite.layers
+    per_layer = {L: ctx.artefacts(cell.spec, L) for L in layers}
+    cfg = StabilityConfig(seed=ctx.suite.seed, max_tokens=min(ctx.suite.store_tokens, 30_000))
+    rows = []
+    for i in range(len(per_layer[layers[0]])):  # one chain per variant (EP percentile, k-means k, concept set)
+        chain = {L: per_layer[L][i] for L in layers}
+        rows += cross_layer_stability(chain, store=ctx.store, config=cfg)
+        name = next(iter(ctx.concept_sets), None)
+        if name is not None:
+            acts = {L: ctx.concept_acts(name, L) for L in layers}
+            for r in concept_stability(chain, ctx.concept_sets[name], acts, config=cfg):
+                r.detail = _with_setting(name, r.detail)
+                rows.append(r)
+    return rows
+
+
+REFUSAL_FLOOR = 0.5  # below this baseline refusal rate there is no refusal to ablate: only the baseline is reported
+
+
+def _refusal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    """The model's baseline refusal rate (in the first refusal cell of the grid) and, when the model refuses,
+    the refusal rate after ablating each artefact's best harmful-vs-harmless region."""
+    from bench.runner import expand_cells
+    from metrics.refusal import refusal_ablation_metrics
+
+    first = next(c for c in expand_cells(ctx.suite) if c.family == "refusal" and c.model == cell.model)
+    rows = list(ctx.refusal_baseline) if cell == first else []
+    rate = next(r.value for r in ctx.refusal_baseline if r.metric == "refusal.baseline.harmful_rate")
+    if rate >= REFUSAL_FLOOR:
+        for a in ctx.cell_artefacts(cell):
+            rows += refusal_ablation_metrics(a, ctx.backend, layer=cell.layer)
+    elif not rows:  # a valid measurement: nothing to ablate; recorded so the cell is not an empty finish
+        from metrics.common import row
+
+        rows = [row(a, "refusal.not_applicable", rate, layer=cell.layer,
+                    detail=f"baseline harmful refusal {rate:.2f} < {REFUSAL_FLOOR}: no refusal to ablate")
+                for a in ctx.cell_artefacts(cell)]
+    return rows
+
+
+FAMILIES: dict[str, Callable[[ModelContext, Cell], list[MetricRow]]] = {
+    "build": _build_rows,
+    "retrieval": _concept_family("metrics.retrieval:retrieval_metrics"),
+    "detection": _concept_family("metrics.detection:detection_metrics"),
+    "probing": _concept_family("metrics.probing:probing_metrics"),
+    "ood": _ood_rows,
+    "causal": _causal_rows,
+    "recon": _recon_rows,
+    "cost": _cost_rows,
+    "correspondence": _correspondence_rows,
+    "stability": _stability_rows,
+    "refusal": _refusal_rows,
+}
