@@ -31,54 +31,9 @@ from metrics.stability import (
     pair_stability,
 )
 
-LAYER = 2
+from fakes import LAYER, IdentityArtefact, LinArtefact, ZeroArtefact, make, rand_dirs
+
 TEXTS = ["the cat sat on the mat", "a quick brown fox", "numbers 1 2 3 4 5", "hello there world"]
-
-
-class LinArtefact(Artefact):
-    """Test dictionary: encode = (x - c) @ D^T (signed), decode = f @ D + c."""
-
-    method = "lin-test"
-    reconstructs = True
-    readouts = ("signed",)
-
-    @property
-    def directions(self) -> torch.Tensor:
-        return self.tensors["directions"]
-
-    def encode(self, x, readout=None):
-        return (self.check_input(x) - self.center.to(x)) @ self.directions.to(x).T
-
-    def decode(self, f):
-        return f @ self.directions.to(f) + self.center.to(f)
-
-
-class IdentityArtefact(LinArtefact):
-    method = "identity-test"
-
-    def encode(self, x, readout=None):
-        return x.clone()
-
-    def decode(self, f):
-        return f.clone()
-
-
-class ZeroArtefact(IdentityArtefact):
-    method = "zero-test"
-
-    def decode(self, f):
-        return torch.zeros_like(f)
-
-
-def make(cls, dirs, layer=LAYER, center=None, **info):
-    t = {"directions": torch.nn.functional.normalize(dirs.float(), dim=1)}
-    if center is not None:
-        t["center"] = center
-    return cls(MethodConfig(), t, {"label": cls.method, "layer": layer, "model": "tiny-gemma2", **info})
-
-
-def rand_dirs(K, d=64, seed=0):
-    return torch.randn(K, d, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

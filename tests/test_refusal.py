@@ -9,7 +9,6 @@ import torch
 
 from bench.corpora import hash_unit
 from bench.prompts import RefusalPrompts, refusal_prompts
-from methods.base import Artefact, MethodConfig
 from metrics import refusal
 from metrics.refusal import (
     RefusalConfig,
@@ -22,27 +21,9 @@ from metrics.refusal import (
     split_pairs,
 )
 
-LAYER = 2
+from fakes import LAYER, LinArtefact, make
+
 REQUESTS = ["hi", "hello there, how are you", "x", "tell me a story about a cat"]
-
-
-class SignedArtefact(Artefact):
-    """Test dictionary: encode = (x - c) @ D^T."""
-
-    method = "signed-test"
-    readouts = ("signed",)
-
-    @property
-    def directions(self) -> torch.Tensor:
-        return self.tensors["directions"]
-
-    def encode(self, x, readout=None):
-        return (self.check_input(x) - self.center.to(x)) @ self.directions.to(x).T
-
-
-def make(dirs: torch.Tensor) -> SignedArtefact:
-    return SignedArtefact(MethodConfig(), {"directions": torch.nn.functional.normalize(dirs.float(), dim=1)},
-                          {"label": "signed-test", "layer": LAYER, "model": "tiny-gemma2"})
 
 
 def test_is_refusal():
@@ -121,7 +102,7 @@ def test_ablation_picks_the_planted_region_and_reports_paired_rates(tiny_model, 
     planted = acts[: len(train.harmful)].mean(0) - acts[len(train.harmful):].mean(0)
     dirs = torch.randn(6, tiny_model.d_model, generator=torch.Generator().manual_seed(1)) * 1e-3
     dirs[4] = planted
-    art = make(dirs)
+    art = make(LinArtefact, dirs)
     rows = {r.metric: r for r in refusal_ablation_metrics(art, tiny_model, rp, cfg)}
     assert "region 4 of 6" in rows["refusal.delta"].detail
     before = generate_responses(tiny_model, test.harmful, 3).refused.astype(float)
