@@ -108,6 +108,9 @@ def machine_info() -> dict[str, Any]:
 # The run: results directory, resume, provenance
 
 
+PROSE_FIELDS = ("description", "evidence")  # Suite text a package update may reword: not part of the grid
+
+
 class Run:
     """One run of a suite: `results/<run-id>/` with run.json, cells/*.json, rows.parquet, rows.csv."""
 
@@ -132,7 +135,7 @@ class Run:
         if old is not None and old.get("config") is not None:
             # a field added to Suite since the run started reads as its default: the grid is unchanged
             was = {**_suite_defaults(suite, set(config) - set(old["config"])), **old["config"]}
-            changed = sorted(k for k in set(config) | set(was) if config.get(k) != was.get(k))
+            changed = sorted(k for k in (set(config) | set(was)) - set(PROSE_FIELDS) if config.get(k) != was.get(k))
             if changed:
                 raise ValueError(f"run {self.dir} was started with another {suite.name} suite (differs in {changed});"
                                  " resuming would mix two grids: pass --force to restart it or choose another --run-id")

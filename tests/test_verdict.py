@@ -167,6 +167,8 @@ def test_resuming_a_run_with_another_suite_grid_is_refused(tmp_path):
     suite = get_suite("smoke")
     Run(suite, tmp_path, "r", progress=False)
     Run(suite, tmp_path, "r", progress=False)  # the same grid resumes
+    reworded = dataclasses.replace(suite, description="reworded", evidence="reworded")
+    assert Run(reworded, tmp_path, "r", progress=False).meta["config"]["evidence"] == "reworded"  # text only
     other = dataclasses.replace(suite, store_tokens=7_000)
     with pytest.raises(ValueError, match=r"another smoke suite \(differs in \['store_tokens'\]\).*--force"):
         Run(other, tmp_path, "r", progress=False)

@@ -10,12 +10,13 @@ SAE = {"architecture": "topk", "k": 32, "training_tokens": 400_000, "max_epochs"
 SUITE = Suite(
     name="default",
     description=("SmolLM2-135M-Instruct (embedded), layers 4/8/12, EP at p = 1, 2, 4, 8, 10 against a TopK SAE "
-                 "trained to convergence on the same store, k-means, random directions and an SAE at EP's K, "
+                 "trained on the same store (capped at 3 epochs), k-means, random directions and an SAE at EP's K, "
                  "spherical k-means, PCA, random directions and DiffMean (supervised)"),
     evidence=("screening only: a 40k-token store (too small for EP to saturate at fine p), SAEs capped at 3 epochs, "
-              "one fit seed per method, 20 WordNet concepts x 15 examples per class and 5 BBC topics, one causal "
-              "relation (country -> continent) at one layer; with this few units a `no detectable difference` is weak evidence of equivalence. The "
-              "credible run is the `full` suite (results/full/)"),
+              "one fit seed per method, 20 WordNet concepts and 5 BBC topics x 15 examples per class (8 train, "
+              "7 test), one causal relation (country -> continent) at one layer; with this few units a `no "
+              "detectable difference` is weak evidence of equivalence. The credible run is the `full` suite "
+              "(results/full/)"),
     models=["smollm2-135m"],
     layers=[4, 8, 12],
     methods=[
