@@ -133,13 +133,14 @@ def unit_table(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame.from_records(recs, columns=cols)
 
 
-def artefact_table(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (model, layer, artefact label): family, K, tokens, rows, FLOPs, match target, seeds."""
+def artefact_table(cells: Iterable[dict[str, Any]], per_seed: bool = False) -> pd.DataFrame:
+    """One row per (model, layer, artefact label), or per fit seed too: family, K, tokens, rows, FLOPs, match
+    target, seeds, fit quality (of the first seed seen unless `per_seed`)."""
     recs: dict[tuple, dict[str, Any]] = {}
     for c in cells:
         cell = c.get("cell", {})
         for a in c.get("artefacts", []):
-            key = (cell.get("model"), int(cell.get("layer", -1)), a["name"])
+            key = (cell.get("model"), int(cell.get("layer", -1)), a["name"]) + ((a.get("seed"),) if per_seed else ())
             rec = recs.setdefault(key, {"model": key[0], "layer": key[1], "method": key[2], "seeds": set(), **a})
             rec["seeds"].add(a.get("seed"))
     df = pd.DataFrame(list(recs.values()))

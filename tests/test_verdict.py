@@ -140,8 +140,12 @@ def test_report_opens_with_verdicts_and_scorecard_and_marks_undertrained_saes(tm
                            "stop_reason": "cap"},
                "training_curve": {"rows": [100, 200], "heldout_explained_variance": [0.1, 0.31], "l0": [4, 4],
                                   "dead_fraction": [0.5, 0.2], "dense_fraction": [0.0, 0.0]}}
+    seed1 = {**sae_art, "seed": 1, "quality": {**sae_art["quality"], "explained_variance": 0.8, "undertrained": False}}
+    matched = {**sae_art, "name": "sae@K(ep:p=2)", "matched_to": {"artefact": "ep:p=2", "kind": "K"}}
     cells = [_cell("m", 4, "ep:p=2", "ep", "detection.auroc", dict(zip(concepts, base + 0.2))),
-             _cell("m", 4, "sae", "sae", "detection.auroc", dict(zip(concepts, base)), artefact=sae_art)]
+             _cell("m", 4, "sae", "sae", "detection.auroc", dict(zip(concepts, base)), artefact=sae_art),
+             _cell("m", 4, "sae", "sae", "retrieval.precision@10", dict(zip(concepts, base)), seed=1, artefact=seed1),
+             _cell("m", 4, "sae@K", "sae", "retrieval.precision@10", dict(zip(concepts, base)), artefact=matched)]
     build = dict(cells[1]["rows"][0], metric="build.heldout_explained_variance", value=0.31, units=None)
     cells[1]["rows"].append(build)
     run = _write(tmp_path, cells)
@@ -156,6 +160,10 @@ def test_report_opens_with_verdicts_and_scorecard_and_marks_undertrained_saes(tm
     assert "**better**" in text  # +0.2 on 12 concepts, exact sign-flip p = 2/4096 before Holm
     assert "sae (EV 0.31) ⚠" in text and "undertrained" in text
     assert (run / "plots" / "sae_training.png").exists()
+    baselines = text[text.index("## Baselines at their best"):text.index("## Seed spread")]
+    sae_rows = [line.split("|")[1:4] for line in baselines.splitlines() if line.startswith("| sae")]
+    assert [[x.strip() for x in r] for r in sae_rows] == [["sae", "4", "0"], ["sae", "4", "1"],
+                                                          ["sae@K(ep:p=2)", "4", "0"]]  # every fit, every seed
 
 
 def test_resuming_a_run_with_another_suite_grid_is_refused(tmp_path):

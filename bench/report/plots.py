@@ -221,30 +221,60 @@ def plot_correspondence(df: pd.DataFrame, run_dir: Path, path: Path) -> str | No
 
 
 def plot_sae_curves(run_dir: Path, path: Path) -> bool:
-    """Each trained SAE's training curve (from the run's build cells): held-out EV, L0, dead and dense fractions."""
+    """Each trained SAE's training curve (from the run's build cells). Top row: the SAE spec(s) trained to
+    convergence, every seed (colour: layer, line style: seed) on held-out EV, L0, dead and dense fractions. Bottom row,
+    when the run has budget-matched SAEs (`sae@K(...)`, `sae@tokens(...)`): their held-out EV, one panel per layer."""
     from bench.verdict import EV_FLOOR, load_cells
 
-    curves = {}
+    curves: dict[tuple[str, int, int], dict] = {}  # (name, layer, seed) -> curve
     for c in load_cells(run_dir):
         for a in c.get("artefacts", []):
             if a.get("training_curve") and a["training_curve"].get("rows"):
-                curves[f"{a['name']} L{c['cell']['layer']}"] = a["training_curve"]
+                curves[(a["name"], int(c["cell"]["layer"]), a.get("seed") or 0)] = a["training_curve"]
     if not curves:
         return False
     plt, _sns = _plt()
+    main = {k: v for k, v in curves.items() if "(" not in k[0]}
+    matched = {k: v for k, v in curves.items() if "(" in k[0]}
+    layers = sorted({k[1] for k in curves})
     panels = [("heldout_explained_variance", "held-out explained variance"), ("l0", "L0 (held-out)"),
               ("dead_fraction", "dead latent fraction"), ("dense_fraction", "dense latent fraction")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
-        for name, cv in sorted(curves.items()):
-            if key in cv:
-                ax.plot(cv["rows"], cv[key], label=name, lw=1)
+    ncols = max(len(panels), len(layers) if matched else 0)
+    nrows = int(bool(main)) + int(bool(matched))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    colours = {L: f"C{i}" for i, L in enumerate(layers)}
+    styles = ["-", "--", ":", "-."]
+
+    def finish(ax: "plt.Axes", title: str, ev: bool) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training rows", fontsize=8)
         ax.set_xscale("log")
-        if key == "heldout_explained_variance":
+        if ev:
             ax.axhline(EV_FLOOR, color="red", ls="--", lw=0.8)
-    axes[-1].legend(fontsize=5, loc="best")
+
+    row = 0
+    if main:
+        for ax, (key, title) in zip(axes[row], panels):
+            for (name, L, seed), cv in sorted(main.items()):
+                if key in cv:
+                    ax.plot(cv["rows"], cv[key], color=colours[L], ls=styles[seed % len(styles)], lw=1,
+                            label=f"{name} L{L} seed {seed}")
+            finish(ax, title, key == "heldout_explained_variance")
+        axes[row][len(panels) - 1].legend(fontsize=5, loc="best")
+        row += 1
+    if matched:
+        for ax, L in zip(axes[row], layers):
+            names = sorted({k[0] for k in matched if k[1] == L})
+            for (name, layer, seed), cv in sorted(matched.items()):
+                if layer == L and "heldout_explained_variance" in cv:
+                    ax.plot(cv["rows"], cv["heldout_explained_variance"], color=f"C{names.index(name) % 10}",
+                            ls=styles[seed % len(styles)], lw=1, label=name if seed == min(
+                                k[2] for k in matched if k[:2] == (name, L)) else None)
+            finish(ax, f"budget-matched SAEs, L{L}: held-out EV", True)
+            ax.legend(fontsize=5, loc="best")
+    for ax in axes.flat:
+        if not ax.has_data():
+            ax.set_visible(False)  # the unused panels of the shorter row
     _save(fig, path)
     return True
 

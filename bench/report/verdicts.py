@@ -3,7 +3,9 @@ that every baseline was at its best (SAE training curves and convergence, k-mean
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -72,7 +74,7 @@ def scorecard_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
 
 def baselines_md(run_dir: Path, plot: str | None) -> list[str]:
     """Evidence that each baseline is at its best: SAE convergence and held-out quality, k-means convergence."""
-    arts = artefact_table(load_cells(run_dir))
+    arts = artefact_table(load_cells(run_dir), per_seed=True)
     out = ["## Baselines at their best", ""]
     if arts.empty:
         return out + ["(no artefact records in this run)", ""]
@@ -83,26 +85,37 @@ def baselines_md(run_dir: Path, plot: str | None) -> list[str]:
                  f"is under **{EV_FLOOR}** is marked **undertrained** here and in every table (its method name ends "
                  f"in `⚠`). Same-token SAEs (`@tokens`) train only on the tokens the named EP build streamed."), ""]
         body = []
-        for r in sae.sort_values(["layer", "method"]).itertuples():
+        for r in sae.sort_values(["layer", "method", "seed"], na_position="first").itertuples():
             qq = r.quality
-            body.append([r.method, str(r.layer), fmt_num(r.K), fmt_num(r.tokens), fmt_num(qq.get("epochs")),
-                         str(qq.get("stop_reason") or MISSING)[:70], fmt_num(qq.get("explained_variance")),
+            body.append([r.method, str(r.layer), _seed(r.seed), fmt_num(r.K), fmt_num(r.tokens),
+                         fmt_num(qq.get("epochs")), _stop(qq.get("stop_reason")), fmt_num(qq.get("explained_variance")),
                          "**undertrained**" if qq.get("undertrained") else "ok"])
-        out += [md_table(["SAE", "L", "width", "tokens", "epochs", "stop", "held-out EV", f"EV >= {EV_FLOOR}"], body,
-                         right=(1, 2, 3, 4, 6)), ""]
+        out += [md_table(["SAE", "L", "seed", "width", "rows trained", "epochs", "stop", "held-out EV",
+                          f"EV >= {EV_FLOOR}"], body, right=(1, 2, 3, 4, 5, 7)), ""]
         if plot:
-            out += ["Training curves (held-out explained variance, L0, dead and dense latent fractions by training "
-                    "rows):", "", f"![SAE training curves]({plot})", ""]
+            out += ["Training curves of every fit (held-out explained variance, L0, dead and dense latent fractions by "
+                    "training rows; colour: layer, line style: seed; budget-matched SAEs' held-out EV below):", "",
+                    f"![SAE training curves]({plot})", ""]
     km = q[q["family"] == "kmeans"]
     if len(km):
-        body = [[r.method, str(r.layer), fmt_num(r.K), str(r.quality.get("iterations", MISSING)),
-                 str(r.quality.get("converged")), str(r.quality.get("stop_reason") or MISSING)[:70],
-                 fmt_num(r.quality.get("objective"))] for r in km.sort_values(["layer", "method"]).itertuples()]
+        body = [[r.method, str(r.layer), _seed(r.seed), fmt_num(r.K), str(r.quality.get("iterations", MISSING)),
+                 str(r.quality.get("converged")), _stop(r.quality.get("stop_reason")),
+                 fmt_num(r.quality.get("objective"))]
+                for r in km.sort_values(["layer", "method", "seed"], na_position="first").itertuples()]
         out += ["k-means (faiss, spherical) runs Lloyd iterations to its stopping rule:", "",
-                md_table(["k-means", "L", "k", "iterations", "converged", "stop", "objective"], body,
-                         right=(1, 2, 3, 6)), ""]
+                md_table(["k-means", "L", "seed", "k", "iterations", "converged", "stop", "objective"], body,
+                         right=(1, 2, 3, 4, 7)), ""]
     out += ["PCA is exact (eigendecomposition of the full streamed covariance).", ""]
     return out
+
+
+def _seed(seed: Any) -> str:
+    return MISSING if seed is None or seed != seed else str(int(seed))
+
+
+def _stop(reason: str | None) -> str:
+    """A stop reason for a table cell, without the SAE rule's restated window (the full text is in the cell files)."""
+    return re.sub(r" \(the last [^)]*\)", "", str(reason or MISSING))[:100]
 
 
 def seeds_md(run_dir: Path) -> list[str]:
