@@ -11,15 +11,13 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from bench.context import ModelContext, fit_quality, sae_spec
-from metrics.common import MetricRow
+from metrics.common import MetricRow, row
 
 if TYPE_CHECKING:
     from bench.runner import Cell
 
 
 def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
-    from metrics.common import row
-
     rows = []
     for a in ctx.cell_artefacts(cell):
         c = a.cost
@@ -170,8 +168,6 @@ def _refusal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
         for a in ctx.cell_artefacts(cell):
             rows += refusal_ablation_metrics(a, ctx.backend, layer=cell.layer)
     elif not rows:  # a valid measurement: nothing to ablate; recorded so the cell is not an empty finish
-        from metrics.common import row
-
         rows = [row(a, "refusal.not_applicable", rate, layer=cell.layer,
                     detail=f"baseline harmful refusal {rate:.2f} < {REFUSAL_FLOOR}: no refusal to ablate")
                 for a in ctx.cell_artefacts(cell)]
