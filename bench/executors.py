@@ -191,11 +191,11 @@ class _ClusterContext(ModelContext):
             return _TokenizerOnly(self.model_name, self.prepared.tokenizer if self.prepared else None)
         return ModelContext.backend.func(self)
 
-    def build(self, spec):
+    def build(self, spec, fits_dir=None):
         if not self.may_build:
             raise RuntimeError(f"artefacts of {spec.label} ({self.model_name}) were not built before this cell: "
                                "bench.executors.cell_builds misses a dependency")
-        return super().build(spec)
+        return super().build(spec, fits_dir)
 
 
 class _TokenizerOnly:

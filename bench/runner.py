@@ -43,7 +43,9 @@ class Cell:
 
 
 def expand_cells(suite: Suite) -> list[Cell]:
-    """Every cell of the grid, builds first so later cells reuse the artefacts."""
+    """Every cell of the grid, method by method (in suite order): a spec's build cells, then its other families in
+    suite order, each layer in turn, cross-layer families last. A run stopped part-way (hours of `full` on a CPU)
+    thus holds whole methods, not every method's builds and none of their scores."""
     cells = []
     for model in suite.models:
         for spec in suite.methods:
@@ -58,8 +60,9 @@ def expand_cells(suite: Suite) -> list[Cell]:
                 layers = [L for L in suite.family_layers.get(family, []) if L in suite.layers] or suite.layers
                 cells.extend(Cell(model, layer, spec.label, family) for layer in layers)
     order = {f: i for i, f in enumerate(suite.metrics)}
-    return sorted(cells, key=lambda c: (suite.models.index(c.model), order[c.family] != 0, c.layer == ALL_LAYERS,
-                                        order[c.family], c.layer))
+    specs = {s.label: i for i, s in enumerate(suite.methods)}
+    return sorted(cells, key=lambda c: (suite.models.index(c.model), specs[c.spec], order[c.family] != 0,
+                                        c.layer == ALL_LAYERS, order[c.family], c.layer))
 
 
 def _applies(spec: MethodSpec, family: str, suite: Suite) -> bool:

@@ -39,6 +39,11 @@ def test_cells_cover_the_grid_and_skip_what_does_not_apply():
     assert ("random", "recon") not in fams and ("diffmean", "stability") not in fams
     assert all(c.layer == ALL_LAYERS for c in cells if c.family == "stability")
     assert len({c.id for c in cells}) == len(cells)
+    specs = [c.spec for c in cells]  # method by method: each spec's cells are contiguous, its builds first
+    assert specs == sorted(specs, key=[m.label for m in suite.methods].index)
+    for spec in set(specs):
+        mine = [c.family for c in cells if c.spec == spec]
+        assert mine[: mine.count("build")] == ["build"] * mine.count("build") and mine.count("build") >= 1
 
 
 def test_narrow_suite_keeps_suite_params_and_rejects_unknown_names():
