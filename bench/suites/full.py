@@ -2,7 +2,7 @@
 
 Hours on a 2-core CPU, minutes on a GPU. Measured on the shared 2-core machine: the store took 63 min to extract,
 EP's one-pass build of all layers and percentiles 10 min, the SAE spec (3 seeds x 3 layers, each converged after
-1.1-2.1 epochs) 22 min, k-means k=2048 (9 fits) 4 min, the SAEs at EP's K (27 fits) 14 min; a concept cell takes
+1.1-2.1 epochs) 22 min, k-means k=2048 (9 fits) 4 min, the SAEs at EP's K (27 fits) 22 min; a concept cell takes
 10 s to 4 min (random@K scores 24 dictionaries per layer). Cells run method by method and every fit of a build is
 checkpointed, so `epbench run --suite full --run-id full` in a later sitting continues where this one stopped. On a
 fresh machine the store and the artefacts the remaining cells need are rebuilt first: every build is seeded, so they
