@@ -38,6 +38,7 @@ CIs are percentile bootstraps over held-out prompts.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -67,6 +68,10 @@ class CausalConfig:
     readout: str | None = None  # readout for feature selection; None: metrics.feature_selection.default_readout
     control_seed: int = 0  # seed of the random control directions
     batch_size: int = 64  # texts per forward pass (all held-out prompts share one forward when they fit)
+    # side-effect KL is measured for at most this many answers' directions (each costs a forward pass over every
+    # unrelated text per condition): those owning the most held-out prompts, ties by name; 0 measures all. KL and
+    # effect-per-KL rows cover the prompts of those answers only (their detail says how many).
+    kl_attributes: int = 16
     seed: int = 0  # bootstrap seed
 
 
@@ -194,16 +199,18 @@ def _condition_rows(artefact: Artefact, prefix: str, units: list[str], clean: np
     delta, cdelta = feat - clean, ctrl - clean
     flip = ((feat > 0) != (clean > 0)).astype(float)
     cflip = ((ctrl > 0) != (clean > 0)).astype(float)
+    k = np.isfinite(kl)  # prompts whose answer's KL was measured (CausalConfig.kl_attributes)
+    kl_units = [u for u, keep in zip(units, k) if keep]
     return [
         mean_row(artefact, f"{prefix}.delta_logit_diff", delta, seed, detail, layer, units),
         mean_row(artefact, f"{prefix}.flip_rate", flip, seed, detail, layer, units),
         mean_row(artefact, f"{prefix}.control_delta", cdelta, seed, detail, layer, units),
         mean_row(artefact, f"{prefix}.control_flip_rate", cflip, seed, detail, layer, units),
         mean_row(artefact, f"{prefix}.delta_vs_control", delta - cdelta, seed, detail, layer, units),
-        mean_row(artefact, f"{prefix}.kl", kl, seed, detail, layer, units),
-        mean_row(artefact, f"{prefix}.control_kl", ctrl_kl, seed, detail, layer, units),
-        _ratio_row(artefact, f"{prefix}.effect_per_kl", -delta, kl, seed, detail, layer),
-        _ratio_row(artefact, f"{prefix}.control_effect_per_kl", -cdelta, ctrl_kl, seed, detail, layer),
+        mean_row(artefact, f"{prefix}.kl", kl[k], seed, detail, layer, kl_units),
+        mean_row(artefact, f"{prefix}.control_kl", ctrl_kl[k], seed, detail, layer, kl_units),
+        _ratio_row(artefact, f"{prefix}.effect_per_kl", -delta[k], kl[k], seed, detail, layer),
+        _ratio_row(artefact, f"{prefix}.control_effect_per_kl", -cdelta[k], ctrl_kl[k], seed, detail, layer),
     ]
 
 
@@ -231,21 +238,31 @@ class _Part(NamedTuple):
     mask: np.ndarray  # prompts the condition applies to
 
 
+def kl_attributes(attrs: Sequence[str], heldout: Sequence[Any], cap: int) -> list[str]:
+    """The answers whose directions' side-effect KL is measured: all of them when there are at most `cap` (or cap
+    is 0), else the `cap` owning the most held-out prompts as target or contrast, ties by name."""
+    if cap <= 0 or len(attrs) <= cap:
+        return list(attrs)
+    counts = Counter(p.attribute for p in heldout) + Counter(p.contrast.strip() for p in heldout)
+    return sorted(sorted(attrs, key=lambda a: (-counts[a], a))[:cap])
+
+
 class _Runner:
     """Forward passes of one artefact at one hook, with its selected features and the random control."""
 
     def __init__(self, artefact: Artefact, backend: Any, hook_name: str, chosen: Mapping[str, int],
-                 unrelated: list[str], cfg: CausalConfig):
+                 unrelated: list[str], cfg: CausalConfig, heldout: Sequence[Any] = ()):
         self.artefact, self.backend, self.hook_name, self.bs = artefact, backend, hook_name, cfg.batch_size
         self.chosen, self.attrs, self.unrelated = dict(chosen), sorted(chosen), unrelated
         gen = torch.Generator().manual_seed(cfg.control_seed)
         rand_AD = torch.randn(len(self.attrs), artefact.d_model, generator=gen)
         self.control = _FixedDirections(rand_AD / rand_AD.norm(dim=1, keepdim=True), artefact.center.float())
+        self.kl_attrs = kl_attributes(self.attrs, heldout, cfg.kl_attributes)
         # Side effect: every (attribute, unrelated text) pair in one batch; the clean pass uses the same
         # layout so a no-op intervention gives exactly zero KL.
-        self.rep_texts = [t for _ in self.attrs for t in unrelated]
-        self.rep_f = [self.chosen[a] for a in self.attrs for _ in unrelated]
-        self.rep_c = [i for i in range(len(self.attrs)) for _ in unrelated]
+        self.rep_texts = [t for _ in self.kl_attrs for t in unrelated]
+        self.rep_f = [self.chosen[a] for a in self.kl_attrs for _ in unrelated]
+        self.rep_c = [self.attrs.index(a) for a in self.kl_attrs for _ in unrelated]
         self.clean_lp = list(_next_token_log_probs(backend, self.rep_texts, hook_name, None, self.rep_f, self.bs))
 
     def part(self, prompts: Any, role: str) -> _Part:
@@ -274,7 +291,7 @@ class _Runner:
         keys = self.rep_c if control else self.rep_f
         kl = _kl_per_text(self.clean_lp, _next_token_log_probs(self.backend, self.rep_texts, self.hook_name, apply,
                                                                keys, self.bs))
-        per_attr = dict(zip(self.attrs, kl.reshape(len(self.attrs), len(self.unrelated)).mean(1)))
+        per_attr = dict(zip(self.kl_attrs, kl.reshape(len(self.kl_attrs), len(self.unrelated)).mean(1)))
         return np.array([per_attr.get(o, np.nan) for o in part.owners])[part.mask]
 
     def condition(self, part: _Part, clean: np.ndarray, alpha: float | None) -> tuple[Any, ...]:
@@ -346,7 +363,7 @@ def causal_metrics(
     if bad:
         raise ValueError(f"features out of range 0..{artefact.K - 1}: {bad}")
 
-    run = _Runner(artefact, backend, hook_name, features, unrelated, cfg)
+    run = _Runner(artefact, backend, hook_name, features, unrelated, cfg, test.prompts)
     abl, ste = run.part(test, "target"), run.part(test, "contrast")
     if not abl.mask.any() and not ste.mask.any():
         raise ValueError(f"prompt set {prompt_set.name!r}: no held-out prompt has a target or contrast attribute "
@@ -354,7 +371,8 @@ def causal_metrics(
                          "answers (city_continent, city_country, first_letter) or pass features=")
     clean = run.diffs(abl)  # same texts for both roles
     base = f"{prompt_set.name}; hook {hook_name}; {len(features)} attribute features selected on {len(train)} " \
-           "train prompts"
+           "train prompts" + ("" if len(run.kl_attrs) == len(run.attrs) else
+                              f"; KL measured for the {len(run.kl_attrs)} answers with the most held-out prompts")
     rows: list[MetricRow] = []
     if abl.mask.any():
         rows += _condition_rows(artefact, "causal.ablate", *run.condition(abl, clean, None), cfg.seed, base, L)

@@ -17,7 +17,7 @@ from bench.concepts import ConceptSet
 from bench.prompts import CausalPrompt, PromptSet
 from bench.store import write_synthetic_store
 from methods.base import Artefact, Cost, MethodConfig
-from metrics.causal import CausalConfig, causal_metrics, select_causal_features
+from metrics.causal import CausalConfig, causal_metrics, kl_attributes, select_causal_features
 from metrics.cost import build_cost_rows, compare_costs, cost_metrics, encode_throughput
 from metrics.reconstruction import explained_variance, reconstruction_metrics
 from metrics.stability import (
@@ -141,6 +141,23 @@ def test_causal_rows_and_alpha_zero_is_exact_noop(backend):
     assert "alpha=0x" in m["causal.steer.curve.kl"].detail and "chosen on train" in m["causal.steer.kl"].detail
     assert m["causal.ablate.delta_logit_diff"].n == 6 and m["causal.ablate.kl"].value > 0
     assert all(r.layer == LAYER for r in rows)
+
+
+def test_side_effect_kl_is_measured_for_the_answers_with_most_prompts_when_capped(backend):
+    """kl_attributes caps the forward passes per condition; the measured answers' KL is the uncapped KL."""
+    ps = letter_prompts(n_per_attr=6)
+    ps = PromptSet("letters", ps.prompts[:-2], len(ps.prompts) - 2)  # answer "z" now owns fewer prompts
+    assert kl_attributes(["x", "y", "z"], ps.prompts, 2) == ["x", "y"]  # the two owning most prompts
+    assert kl_attributes(["x", "y", "z"], ps.prompts, 0) == ["x", "y", "z"]
+    art = make(LinArtefact, rand_dirs(16, seed=1))
+    full, capped = (by_metric(causal_metrics(art, backend, ps, ["some text here", "another one"],
+                                             CausalConfig(alphas=(1.0,), kl_attributes=cap))) for cap in (0, 1))
+    for name in ("delta_logit_diff", "control_delta"):  # effects do not depend on the cap
+        assert capped[f"causal.ablate.{name}"].units == full[f"causal.ablate.{name}"].units
+    kl_all, kl_one = full["causal.ablate.kl"].units, capped["causal.ablate.kl"].units
+    assert 0 < len(kl_one) < len(kl_all) and all(kl_one[u] == pytest.approx(kl_all[u]) for u in kl_one)
+    assert capped["causal.ablate.kl"].n == len(kl_one) and "KL measured for the 1 answers" in \
+        capped["causal.ablate.kl"].detail
 
 
 def test_ablating_a_direction_orthogonal_to_every_residual_does_nothing(backend):
