@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -226,17 +227,17 @@ def plot_sae_curves(run_dir: Path, path: Path) -> bool:
     when the run has budget-matched SAEs (`sae@K(...)`, `sae@tokens(...)`): their held-out EV, one panel per layer."""
     from bench.verdict import EV_FLOOR, load_cells
 
-    curves: dict[tuple[str, int, int], dict] = {}  # (name, layer, seed) -> curve
+    main: dict[tuple[str, int, int], dict] = {}  # (name, layer, seed) -> curve, SAEs trained to convergence
+    matched: dict[tuple[str, int, int], dict] = {}  # the same for budget-matched SAEs (their record names a target)
     for c in load_cells(run_dir):
         for a in c.get("artefacts", []):
             if a.get("training_curve") and a["training_curve"].get("rows"):
-                curves[(a["name"], int(c["cell"]["layer"]), a.get("seed") or 0)] = a["training_curve"]
-    if not curves:
+                key = (a["name"], int(c["cell"]["layer"]), a.get("seed") or 0)
+                (matched if a.get("matched_to") else main)[key] = a["training_curve"]
+    if not main and not matched:
         return False
     plt, _sns = _plt()
-    main = {k: v for k, v in curves.items() if "(" not in k[0]}
-    matched = {k: v for k, v in curves.items() if "(" in k[0]}
-    layers = sorted({k[1] for k in curves})
+    layers = sorted({k[1] for k in [*main, *matched]})
     panels = [("heldout_explained_variance", "held-out explained variance"), ("l0", "L0 (held-out)"),
               ("dead_fraction", "dead latent fraction"), ("dense_fraction", "dense latent fraction")]
     ncols = max(len(panels), len(layers) if matched else 0)
@@ -245,7 +246,7 @@ def plot_sae_curves(run_dir: Path, path: Path) -> bool:
     colours = {L: f"C{i}" for i, L in enumerate(layers)}
     styles = ["-", "--", ":", "-."]
 
-    def finish(ax: "plt.Axes", title: str, ev: bool) -> None:
+    def finish(ax: Any, title: str, ev: bool) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training rows", fontsize=8)
         ax.set_xscale("log")
@@ -264,12 +265,13 @@ def plot_sae_curves(run_dir: Path, path: Path) -> bool:
         row += 1
     if matched:
         for ax, L in zip(axes[row], layers):
-            names = sorted({k[0] for k in matched if k[1] == L})
+            names: list[str] = []  # colour per target; the legend names each once
             for (name, layer, seed), cv in sorted(matched.items()):
                 if layer == L and "heldout_explained_variance" in cv:
+                    first = name not in names
+                    names += [name] if first else []
                     ax.plot(cv["rows"], cv["heldout_explained_variance"], color=f"C{names.index(name) % 10}",
-                            ls=styles[seed % len(styles)], lw=1, label=name if seed == min(
-                                k[2] for k in matched if k[:2] == (name, L)) else None)
+                            ls=styles[seed % len(styles)], lw=1, label=name if first else None)
             finish(ax, f"budget-matched SAEs, L{L}: held-out EV", True)
             ax.legend(fontsize=5, loc="best")
     for ax in axes.flat:
