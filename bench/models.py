@@ -134,15 +134,28 @@ class ModelBackend:
         The final norm and the unembedding run on the last prompt position only (they act per position), so a
         batch never materialises [B, T, vocab] logits: the same numbers as the full forward at a fraction of the cost.
         """
-        from transformer_lens.utilities.activation_functions import apply_softcap
-
         toks, lengths = self.to_tokens(texts)
         m = self.model
         resid = m.run_with_hooks(toks, fwd_hooks=fwd_hooks or [], stop_at_layer=m.cfg.n_layers)
         last = resid[torch.arange(len(texts)), lengths.to(resid.device) - 1][:, None]  # [B, 1, d]
-        if m.cfg.normalization_type is not None:
-            last = m.ln_final(last)
-        return apply_softcap(m.unembed(last), m.cfg.output_logits_soft_cap)[:, 0].float()
+        return self.final_logits(last)[:, 0].float()
+
+    def final_logits(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] from the last block's residual [..., d]: final norm, unembedding, soft cap."""
+        from transformer_lens.utilities.activation_functions import apply_softcap
+
+        m = self.model
+        x = m.ln_final(resid) if m.cfg.normalization_type is not None else resid
+        return apply_softcap(m.unembed(x), m.cfg.output_logits_soft_cap)
+
+    @torch.no_grad()
+    def run_from_layer(self, resid_BTD: torch.Tensor, layer: int) -> torch.Tensor:
+        """The last block's residual [B, T, d] when `resid_BTD` is resid_post at `layer` of right-padded tokens:
+        blocks layer+1.. only, so an intervention at `layer` need not rerun the blocks before it."""
+        m = self.model
+        if layer + 1 >= m.cfg.n_layers:
+            return resid_BTD
+        return m(resid_BTD.to(self.device), start_at_layer=layer + 1, stop_at_layer=m.cfg.n_layers)
 
     def first_token(self, text: str) -> int:
         return self.encode_text(text)[0]

@@ -17,8 +17,9 @@ Protocol, on a causal prompt set (bench.prompts: prompt, target, contrast, attri
      residual toward the other answer (steering toward the answer the model already gives cannot flip it).
      alpha = multiple x mean residual norm at L (mean ||x|| over the non-BOS positions of the train prompts);
      the multiples are `CausalConfig.alphas` (default 0.5, 1, 2, 4).
-3. Measures, per held-out prompt, first token of target and contrast (one forward per condition over all
-   held-out prompts):
+3. Measures, per held-out prompt, first token of target and contrast (one forward per condition over the
+   held-out prompts, batched by length; each batch's clean residual at L is computed once and every intervention
+   runs only the blocks after L, which gives the same numbers as a full forward with a hook at L):
    - delta_logit_diff = (logit_t - logit_c)[intervened] - (logit_t - logit_c)[clean]: negative = works.
    - flip_rate: share of prompts whose logit difference changes sign (pass a set filtered with
      bench.prompts.filter_correct so every clean difference is positive and a flip means "now answers the
@@ -67,7 +68,7 @@ class CausalConfig:
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # steering strengths, in units of the mean residual norm
     readout: str | None = None  # readout for feature selection; None: metrics.feature_selection.default_readout
     control_seed: int = 0  # seed of the random control directions
-    batch_size: int = 64  # texts per forward pass (all held-out prompts share one forward when they fit)
+    batch_size: int = 64  # texts per forward pass (texts are batched by length, see length_groups)
     # side-effect KL is measured for at most this many answers' directions (each costs a forward pass over every
     # unrelated text per condition): those owning the most held-out prompts, ties by name; 0 measures all. KL and
     # effect-per-KL rows cover the prompts of those answers only (their detail says how many).
@@ -142,36 +143,79 @@ def _hook(apply: Apply, keys: Sequence[int | None]) -> Callable[[torch.Tensor, A
     return fn
 
 
-def _prompt_logit_diffs(backend: Any, texts: Sequence[str], t_ids: torch.Tensor, c_ids: torch.Tensor, hook_name: str,
-                        apply: Apply | None, keys: Sequence[int | None], batch_size: int) -> np.ndarray:
-    """logit(target) - logit(contrast) at the next token after each prompt, optionally under an intervention."""
-    out = []
-    for lo in range(0, len(texts), batch_size):
-        hi = min(len(texts), lo + batch_size)
-        hooks = [] if apply is None else [(hook_name, _hook(apply, keys[lo:hi]))]
-        logits = backend.next_token_logits(list(texts[lo:hi]), fwd_hooks=hooks).cpu()
-        rows = torch.arange(hi - lo)
-        out.append((logits[rows, t_ids[lo:hi]] - logits[rows, c_ids[lo:hi]]).double().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+def length_groups(lengths: Sequence[int], batch_size: int, slack: float = 1.25) -> list[list[int]]:
+    """Indices grouped for batching with little padding: ascending length, at most `batch_size` per group, and the
+    longest text in a group at most `slack` x the shortest (plus one token)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        g = groups[-1] if groups else None
+        if g is None or len(g) >= batch_size or lengths[i] > slack * lengths[g[0]] + 1:
+            groups.append([i])
+        else:
+            g.append(i)
+    return groups
 
 
-def _next_token_log_probs(backend: Any, texts: Sequence[str], hook_name: str, apply: Apply | None,
-                          keys: Sequence[int | None], batch_size: int) -> Iterator[torch.Tensor]:
-    """Per text, next-token log-probabilities [len - 1, vocab] at positions 1..len-1 (BOS position dropped)."""
-    for lo in range(0, len(texts), batch_size):
-        hi = min(len(texts), lo + batch_size)
-        toks, lengths = backend.to_tokens(list(texts[lo:hi]))
-        hooks = [] if apply is None else [(hook_name, _hook(apply, keys[lo:hi]))]
+class _Texts:
+    """Texts tokenised once and batched by length, with each batch's clean residual at the intervention layer
+    cached: an intervention then runs only the blocks after that layer. The batches are fixed, so the clean and
+    every intervened pass see the same layout (a no-op intervention reproduces the clean numbers exactly)."""
+
+    def __init__(self, backend: Any, texts: Sequence[str], layer: int, batch_size: int):
+        self.backend, self.layer, self.n = backend, layer, len(texts)
+        lengths = [1 + len(backend.encode_text(t)) for t in texts]
+        self.batches = []  # (indices, lengths, resid_post at layer [b, T, d])
+        for idx in length_groups(lengths, batch_size):
+            toks, lens = backend.to_tokens([texts[i] for i in idx])
+            self.batches.append((idx, lens, backend.run_layers(toks, [layer])[layer]))
+
+    def final(self, apply: Apply | None, keys: Sequence[int | None]) -> Iterator[tuple[list[int], torch.Tensor,
+                                                                                      torch.Tensor]]:
+        """Per batch: (text indices, lengths, last block's residual) with `apply` at the layer (None = clean)."""
+        for idx, lens, resid in self.batches:
+            x = resid if apply is None else _hook(apply, [keys[i] for i in idx])(resid, None)
+            yield idx, lens, self.backend.run_from_layer(x, self.layer)
+
+    def logit_diffs(self, t_ids: torch.Tensor, c_ids: torch.Tensor, apply: Apply | None,
+                    keys: Sequence[int | None]) -> np.ndarray:
+        """logit(target) - logit(contrast) at the next token after each text."""
+        out = np.zeros(self.n)
         with torch.no_grad():
-            logits = backend.model.run_with_hooks(toks, fwd_hooks=hooks, return_type="logits")
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        for i in range(hi - lo):
-            yield lp[i, 1 : int(lengths[i])]
+            for idx, lens, resid in self.final(apply, keys):
+                rows = torch.arange(len(idx))
+                logits = self.backend.final_logits(resid[rows, lens.to(resid.device) - 1]).float().cpu()
+                i = torch.tensor(idx)
+                out[idx] = (logits[rows, t_ids[i]] - logits[rows, c_ids[i]]).double().numpy()
+        return out
+
+    def last_and_mean_norm(self) -> tuple[torch.Tensor, float]:
+        """Clean residual at the last position of each text [n, d], and the mean norm over non-BOS positions."""
+        last, total, count = None, 0.0, 0
+        for idx, lens, resid in self.batches:
+            r = resid.float().cpu()
+            last = last if last is not None else torch.zeros(self.n, r.shape[-1])
+            last[idx] = r[torch.arange(len(idx)), lens - 1]
+            pos = torch.arange(r.shape[1])[None]
+            valid = (pos < lens[:, None]) & (pos >= 1)
+            total, count = total + float(r[valid].norm(dim=-1).double().sum()), count + int(valid.sum())
+        return last, total / count
+
+    def log_probs(self, apply: Apply | None, keys: Sequence[int | None]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(text index, next-token log-probabilities [len - 1, vocab] at positions 1..len-1), batch by batch."""
+        with torch.no_grad():
+            for idx, lens, resid in self.final(apply, keys):
+                lp = torch.log_softmax(self.backend.final_logits(resid).float(), dim=-1).cpu()
+                for j, i in enumerate(idx):
+                    yield i, lp[j, 1 : int(lens[j])].clone()  # a copy, so the padded batch is not kept alive
 
 
-def _kl_per_text(clean: Sequence[torch.Tensor], inter: Iterable[torch.Tensor]) -> np.ndarray:
+def _kl_per_text(clean: Sequence[torch.Tensor], inter: Iterable[tuple[int, torch.Tensor]]) -> np.ndarray:
     """Per text, the mean over positions of KL(clean || intervened); intervened log-probs are streamed."""
-    return np.array([(p.exp() * (p - q)).sum(-1).mean().item() for p, q in zip(clean, inter)])
+    out = np.zeros(len(clean))
+    for i, q in inter:
+        p = clean[i]
+        out[i] = (p.exp() * (p - q)).sum(-1).mean().item()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,6 +274,7 @@ class _Part(NamedTuple):
     """One half of the prompt set, with per-prompt intervention keys for one condition family."""
 
     texts: list[str]
+    batches: _Texts  # the texts, batched, with their clean residual at the layer
     t_ids: torch.Tensor  # first token of each target
     c_ids: torch.Tensor  # first token of each contrast
     owners: list[str]  # the attribute whose feature acts on each prompt (target: ablate; contrast: steer)
@@ -248,29 +293,33 @@ def kl_attributes(attrs: Sequence[str], heldout: Sequence[Any], cap: int) -> lis
 
 
 class _Runner:
-    """Forward passes of one artefact at one hook, with its selected features and the random control."""
+    """Forward passes of one artefact at one layer, with its selected features and the random control."""
 
-    def __init__(self, artefact: Artefact, backend: Any, hook_name: str, chosen: Mapping[str, int],
+    def __init__(self, artefact: Artefact, backend: Any, layer: int, chosen: Mapping[str, int],
                  unrelated: list[str], cfg: CausalConfig, heldout: Sequence[Any] = ()):
-        self.artefact, self.backend, self.hook_name, self.bs = artefact, backend, hook_name, cfg.batch_size
+        self.artefact, self.backend, self.layer, self.bs = artefact, backend, layer, cfg.batch_size
         self.chosen, self.attrs, self.unrelated = dict(chosen), sorted(chosen), unrelated
         gen = torch.Generator().manual_seed(cfg.control_seed)
         rand_AD = torch.randn(len(self.attrs), artefact.d_model, generator=gen)
         self.control = _FixedDirections(rand_AD / rand_AD.norm(dim=1, keepdim=True), artefact.center.float())
         self.kl_attrs = kl_attributes(self.attrs, heldout, cfg.kl_attributes)
-        # Side effect: every (attribute, unrelated text) pair in one batch; the clean pass uses the same
-        # layout so a no-op intervention gives exactly zero KL.
-        self.rep_texts = [t for _ in self.kl_attrs for t in unrelated]
+        # Side effect: every (attribute, unrelated text) pair; the clean pass uses the same batches, so a no-op
+        # intervention gives exactly zero KL.
+        self.rep = _Texts(backend, [t for _ in self.kl_attrs for t in unrelated], layer, self.bs)
         self.rep_f = [self.chosen[a] for a in self.kl_attrs for _ in unrelated]
         self.rep_c = [self.attrs.index(a) for a in self.kl_attrs for _ in unrelated]
-        self.clean_lp = list(_next_token_log_probs(backend, self.rep_texts, hook_name, None, self.rep_f, self.bs))
+        self.clean_lp: list[torch.Tensor] = [torch.empty(0)] * self.rep.n
+        for i, lp in self.rep.log_probs(None, self.rep_f):
+            self.clean_lp[i] = lp
 
-    def part(self, prompts: Any, role: str) -> _Part:
-        """Keys of a prompt half; role "target" (ablate the answer's feature) or "contrast" (steer toward it)."""
+    def part(self, prompts: Any, role: str, batches: _Texts | None = None) -> _Part:
+        """Keys of a prompt half; role "target" (ablate the answer's feature) or "contrast" (steer toward it).
+        `batches`: the half's texts already batched (shared by both roles)."""
         owners = [p.attribute if role == "target" else p.contrast.strip() for p in prompts.prompts]
         fkeys = [self.chosen.get(o) for o in owners]
         ckeys = [self.attrs.index(o) if o in self.chosen else None for o in owners]
-        return _Part(prompts.texts, _first_tokens(self.backend, prompts.targets),
+        batches = batches or _Texts(self.backend, prompts.texts, self.layer, self.bs)
+        return _Part(prompts.texts, batches, _first_tokens(self.backend, prompts.targets),
                      _first_tokens(self.backend, prompts.contrasts), owners, fkeys, ckeys,
                      np.array([k is not None for k in fkeys], dtype=bool))
 
@@ -283,14 +332,12 @@ class _Runner:
 
     def diffs(self, part: _Part, apply: Apply | None = None, keys: Sequence[int | None] | None = None) -> np.ndarray:
         keys = keys if keys is not None else [None] * len(part.texts)
-        return _prompt_logit_diffs(self.backend, part.texts, part.t_ids, part.c_ids, self.hook_name, apply, keys,
-                                   self.bs)
+        return part.batches.logit_diffs(part.t_ids, part.c_ids, apply, keys)
 
     def kl(self, part: _Part, apply: Apply, control: bool) -> np.ndarray:
         """Per prompt in the condition, the side-effect KL of the direction it uses."""
         keys = self.rep_c if control else self.rep_f
-        kl = _kl_per_text(self.clean_lp, _next_token_log_probs(self.backend, self.rep_texts, self.hook_name, apply,
-                                                               keys, self.bs))
+        kl = _kl_per_text(self.clean_lp, self.rep.log_probs(apply, keys))
         per_attr = dict(zip(self.kl_attrs, kl.reshape(len(self.kl_attrs), len(self.unrelated)).mean(1)))
         return np.array([per_attr.get(o, np.nan) for o in part.owners])[part.mask]
 
@@ -327,15 +374,6 @@ def _resolve_layer(artefact: Artefact, backend: Any, layer: int | None) -> int:
     return L
 
 
-def _train_residuals(backend: Any, texts: list[str], L: int) -> tuple[torch.Tensor, float]:
-    """Residual at the last prompt position [n, d], and the mean residual norm over non-BOS positions."""
-    toks, lengths = backend.to_tokens(texts)
-    resid_BTD = backend.run_layers(toks, [L])[L].float().cpu()
-    pos = torch.arange(resid_BTD.shape[1])[None]
-    valid_BT = (pos < lengths[:, None]) & (pos >= 1)
-    return resid_BTD[torch.arange(len(texts)), lengths - 1], float(resid_BTD[valid_BT].norm(dim=-1).mean())
-
-
 def causal_metrics(
     artefact: Artefact,
     backend: Any,
@@ -356,15 +394,17 @@ def causal_metrics(
     for half in (train, test):
         _check_answers(half.prompts, _first_tokens(backend, half.targets), _first_tokens(backend, half.contrasts))
 
-    last_ND, mean_norm = _train_residuals(backend, train.texts, L)
+    train_texts = _Texts(backend, train.texts, L, cfg.batch_size)
+    last_ND, mean_norm = train_texts.last_and_mean_norm()
     if features is None:
         features = select_causal_features(artefact, last_ND, [p.attribute for p in train.prompts], cfg.readout)
     bad = {a: f for a, f in features.items() if not 0 <= int(f) < artefact.K}
     if bad:
         raise ValueError(f"features out of range 0..{artefact.K - 1}: {bad}")
 
-    run = _Runner(artefact, backend, hook_name, features, unrelated, cfg, test.prompts)
-    abl, ste = run.part(test, "target"), run.part(test, "contrast")
+    run = _Runner(artefact, backend, L, features, unrelated, cfg, test.prompts)
+    abl = run.part(test, "target")
+    ste = run.part(test, "contrast", abl.batches)
     if not abl.mask.any() and not ste.mask.any():
         raise ValueError(f"prompt set {prompt_set.name!r}: no held-out prompt has a target or contrast attribute "
                          "with a selected feature (every answer value occurs once?); use a set with repeated "
@@ -378,7 +418,7 @@ def causal_metrics(
         rows += _condition_rows(artefact, "causal.ablate", *run.condition(abl, clean, None), cfg.seed, base, L)
     if ste.mask.any():
         alphas = [float(a) * mean_norm for a in cfg.alphas]
-        best = run.choose_alpha(run.part(train, "contrast"), alphas)  # chosen on train, not on held-out prompts
+        best = run.choose_alpha(run.part(train, "contrast", train_texts), alphas)  # chosen on train, not on held-out prompts
         for i, (mult, alpha) in enumerate(zip(cfg.alphas, alphas)):
             strength = f"alpha={mult:g}x mean resid norm ({alpha:.4g})"
             curve = _condition_rows(artefact, "causal.steer.curve", *run.condition(ste, clean, alpha), cfg.seed,

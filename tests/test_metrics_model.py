@@ -17,7 +17,8 @@ from bench.concepts import ConceptSet
 from bench.prompts import CausalPrompt, PromptSet
 from bench.store import write_synthetic_store
 from methods.base import Artefact, Cost, MethodConfig
-from metrics.causal import CausalConfig, causal_metrics, kl_attributes, select_causal_features
+from metrics.causal import (CausalConfig, _Texts, causal_metrics, kl_attributes, length_groups,
+                            select_causal_features)
 from metrics.cost import build_cost_rows, compare_costs, cost_metrics, encode_throughput
 from metrics.reconstruction import explained_variance, reconstruction_metrics
 from metrics.stability import (
@@ -127,6 +128,40 @@ def test_select_causal_features_planted():
     assert select_causal_features(art, acts, ["p"] * 3 + ["q"] * 3) == {"p": 5, "q": 9}
     with pytest.raises(ValueError, match="at least 2 attributes"):
         select_causal_features(art, acts, ["p"] * 6)
+
+
+def test_length_groups_hand_computed():
+    assert length_groups([7, 52, 8, 10, 7, 27, 12], batch_size=2) == [[0, 4], [2, 3], [6], [5], [1]]
+    assert length_groups([5, 5, 5], batch_size=64) == [[0, 1, 2]]
+    assert length_groups([], batch_size=4) == []
+
+
+def test_intervened_passes_from_cached_residuals_equal_a_full_forward_with_a_hook(backend):
+    """Oracle: every text alone through the whole model with a TransformerLens hook at the layer."""
+    texts = ["ab", "the cat sat on the mat and then some more words", "hi", "a quick brown fox jumps", "xyz"]
+    shift = rand_dirs(1, seed=3)[0] * 3.0
+
+    def apply(x, key):
+        return x + key * shift
+
+    keys = [1, 2, None, 1, 3]
+    batched = _Texts(backend, texts, LAYER, batch_size=2)
+    assert len(batched.batches) >= 3  # several length groups, some with padding
+    t_ids, c_ids = torch.tensor([5, 6, 7, 8, 9]), torch.tensor([1, 2, 3, 4, 0])
+    diffs = batched.logit_diffs(t_ids, c_ids, apply, keys)
+    lps = dict(batched.log_probs(apply, keys))
+    for i, text in enumerate(texts):
+        def hook(act, hook, k=keys[i]):
+            out = act.clone()
+            if k is not None:
+                out[:, 1:] = apply(act[0, 1:], k)[None]
+            return out
+
+        toks, _ = backend.to_tokens([text])
+        with torch.no_grad():
+            logits = backend.model.run_with_hooks(toks, fwd_hooks=[(backend.hook_name(LAYER), hook)])[0].float()
+        assert diffs[i] == pytest.approx(float(logits[-1, t_ids[i]] - logits[-1, c_ids[i]]), abs=1e-4)
+        torch.testing.assert_close(lps[i], torch.log_softmax(logits, -1)[1:], atol=1e-4, rtol=1e-4)
 
 
 def test_causal_rows_and_alpha_zero_is_exact_noop(backend):
