@@ -247,12 +247,13 @@ def claim_calibration(df: pd.DataFrame) -> ClaimResult:
                        f"model-specific; this run has {', '.join(models) or 'no EP'}")
 
 
-def scorecard(run_dir: Path, verdicts: list[Verdict] | None = None) -> list[ClaimResult]:
+def scorecard(run_dir: Path, verdicts: list[Verdict] | None = None,
+              cells: list[dict[str, Any]] | None = None) -> list[ClaimResult]:
     """Every claim of the spec's published-figures list, scored on one run (paired claims read the verdict table)."""
-    cells = load_cells(run_dir)
+    cells = load_cells(run_dir) if cells is None else cells
     df, units = rows_table(cells), unit_table(cells)
     if df.empty:
         return []
-    verdicts = verdict_table(run_dir) if verdicts is None else verdicts
+    verdicts = verdict_table(run_dir, cells=cells) if verdicts is None else verdicts
     return [claim_k_vs_p(df), claim_saturation(df), claim_calibration(df), claim_detection(df, units, verdicts),
             claim_correspondence(df), claim_probing(df), claim_tokens(df), claim_ood(df), claim_refusal(df)]

@@ -280,10 +280,12 @@ def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str]) -> list[Compari
     return out
 
 
-def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None) -> list[Verdict]:
-    """Every planned comparison on every headline metric, pooled over the layers both sides were measured at."""
+def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None,
+                  cells: list[dict[str, Any]] | None = None) -> list[Verdict]:
+    """Every planned comparison on every headline metric, pooled over the layers both sides were measured at
+    (`cells`: the run's cell records when the caller has loaded them already)."""
     cfg = cfg or VerdictConfig()
-    cells = load_cells(run_dir)
+    cells = load_cells(run_dir) if cells is None else cells
     units, arts = unit_table(cells), artefact_table(cells)
     if units.empty or arts.empty:
         return []

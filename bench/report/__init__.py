@@ -20,7 +20,7 @@ from bench.report.plots import make_plots
 from bench.report.published import load_published, paper_md  # noqa: F401
 from bench.report.tables import family_md, header_md, headline_md, primary_concept_set  # noqa: F401
 from bench.report.verdicts import baselines_md, scorecard_md, seeds_md, verdict_md
-from bench.verdict import verdict_table
+from bench.verdict import load_cells, verdict_table
 
 # --------------------------------------------------------------------------------------------------------
 # Entry points
@@ -32,11 +32,12 @@ def write_report(run_dir: Path) -> Path:
     info = load_run_info(run_dir)
     published = load_published()
     concept_set = primary_concept_set(df, info)
-    plots = make_plots(df, run_dir, published, concept_set)
-    verdicts = verdict_table(run_dir)  # computed once: the verdict table and the scorecard's paired claims
-    md = header_md(info, df, run_dir) + verdict_md(run_dir, verdicts) + scorecard_md(run_dir, verdicts)
+    cells = load_cells(run_dir)  # read once: the verdicts, the scorecard, the baselines and the SAE curves use them
+    plots = make_plots(df, run_dir, published, concept_set, cells)
+    verdicts = verdict_table(run_dir, cells=cells)  # computed once: the verdict table and the scorecard's paired claims
+    md = header_md(info, df, run_dir) + verdict_md(run_dir, verdicts) + scorecard_md(run_dir, verdicts, cells)
     md += headline_md(df, concept_set)
-    md += baselines_md(run_dir, plots.get("sae_curves")) + seeds_md(run_dir)
+    md += baselines_md(cells, plots.get("sae_curves")) + seeds_md(cells)
     md += ["## Metric families", "",
            (f"Every row of the run, grouped by metric family (details cut at {DETAIL_WIDTH} characters; rows.csv has "
            "them in full)."), ""]

@@ -13,6 +13,7 @@ import pandas as pd
 from bench.report.common import MAIN_METRIC, TOKENS, _safe, cell_of, families_in, ordered_methods, setting_of
 from bench.report.published import Published
 from bench.report.tables import on_concept_set
+from bench.verdict import load_cells
 
 # --------------------------------------------------------------------------------------------------------
 # Plots
@@ -221,15 +222,15 @@ def plot_correspondence(df: pd.DataFrame, run_dir: Path, path: Path) -> str | No
     return None
 
 
-def plot_sae_curves(run_dir: Path, path: Path) -> bool:
+def plot_sae_curves(cells: list[dict[str, Any]], path: Path) -> bool:
     """Each trained SAE's training curve (from the run's build cells). Top row: the SAE spec(s) trained to
     convergence, every seed (colour: layer, line style: seed) on held-out EV, L0, dead and dense fractions. Bottom row,
     when the run has budget-matched SAEs (`sae@K(...)`, `sae@tokens(...)`): their held-out EV, one panel per layer."""
-    from bench.verdict import EV_FLOOR, load_cells
+    from bench.verdict import EV_FLOOR
 
     main: dict[tuple[str, int, int], dict] = {}  # (name, layer, seed) -> curve, SAEs trained to convergence
     matched: dict[tuple[str, int, int], dict] = {}  # the same for budget-matched SAEs (their record names a target)
-    for c in load_cells(run_dir):
+    for c in cells:
         for a in c.get("artefacts", []):
             if a.get("training_curve") and a["training_curve"].get("rows"):
                 key = (a["name"], int(c["cell"]["layer"]), a.get("seed") or 0)
@@ -281,9 +282,10 @@ def plot_sae_curves(run_dir: Path, path: Path) -> bool:
     return True
 
 
-def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], concept_set: str | None = None
-               ) -> dict[str, str]:
-    """Write every plot under run_dir/plots; returns {name: path relative to run_dir}.
+def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], concept_set: str | None = None,
+               cells: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """Write every plot under run_dir/plots; returns {name: path relative to run_dir}. `cells`: the run's cell
+    records (for the SAE training curves), read from run_dir when not given.
 
     Concept-family plots show `concept_set` only (one measured value with its CI per bar)."""
     df = on_concept_set(df, concept_set)
@@ -304,6 +306,6 @@ def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], conc
         out["stability"] = "plots/stability.png"
     if plot_correspondence(df, run_dir, pdir / "correspondence.png"):
         out["correspondence"] = "plots/correspondence.png"
-    if plot_sae_curves(run_dir, pdir / "sae_training.png"):
+    if plot_sae_curves(load_cells(run_dir) if cells is None else cells, pdir / "sae_training.png"):
         out["sae_curves"] = "plots/sae_training.png"
     return out

@@ -11,7 +11,7 @@ import pandas as pd
 
 from bench.claims import scorecard
 from bench.report.common import MISSING, fmt_num, md_table
-from bench.verdict import CONTROL, EV_FLOOR, HEADLINE_METRICS, Verdict, artefact_table, load_cells, seed_spread
+from bench.verdict import CONTROL, EV_FLOOR, HEADLINE_METRICS, Verdict, artefact_table, seed_spread
 
 DIRECTION = {+1: "higher is better", -1: "lower is better"}
 
@@ -58,9 +58,9 @@ def verdict_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
     return out
 
 
-def scorecard_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
+def scorecard_md(run_dir: Path, verdicts: list[Verdict], cells: list[dict[str, Any]]) -> list[str]:
     """The paper's claims, each restated, measured here and marked."""
-    claims = scorecard(run_dir, verdicts)
+    claims = scorecard(run_dir, verdicts, cells)
     out = ["## The paper's claims, scored", ""]
     if not claims:
         return out + ["(no rows)", ""]
@@ -72,9 +72,9 @@ def scorecard_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
     return out + [md_table(["claim", "published", "measured here", "status", "criterion; reason"], body), ""]
 
 
-def baselines_md(run_dir: Path, plot: str | None) -> list[str]:
+def baselines_md(cells: list[dict[str, Any]], plot: str | None) -> list[str]:
     """Evidence that each baseline is at its best: SAE convergence and held-out quality, k-means convergence."""
-    arts = artefact_table(load_cells(run_dir), per_seed=True)
+    arts = artefact_table(cells, per_seed=True)
     out = ["## Baselines at their best", ""]
     if arts.empty:
         return out + ["(no artefact records in this run)", ""]
@@ -118,9 +118,9 @@ def _stop(reason: str | None) -> str:
     return re.sub(r" \(the last [^)]*\)", "", str(reason or MISSING))[:100]
 
 
-def seeds_md(run_dir: Path) -> list[str]:
+def seeds_md(cells: list[dict[str, Any]]) -> list[str]:
     """Spread of each stochastic method's headline metrics across fit seeds."""
-    sp = seed_spread(load_cells(run_dir))
+    sp = seed_spread(cells)
     sp = sp[sp["metric"].isin(list(HEADLINE_METRICS) + ["build.heldout_explained_variance"])] if len(sp) else sp
     out = ["## Seed spread", ""]
     if sp.empty:
