@@ -45,6 +45,8 @@ class ModelContext:
             self.__dict__["store"] = store  # pre-fill the cached property
         self._artefacts: dict[str, dict[int, list[Artefact]]] = {}
         self._text_acts: dict[tuple[str, int], TextActivations] = {}
+        # id(artefact) -> (the artefact, where `_fit` saved it): moved into the index's place rather than written twice
+        self._checkpoints: dict[int, tuple[Artefact, Path]] = {}
 
     # data ---------------------------------------------------------------------------------------------------
     @cached_property
@@ -268,7 +270,13 @@ class ModelContext:
             paths[str(L)] = []
             for i, a in enumerate(arts):
                 rel = f"L{L:02d}/{i:02d}-{safe_name(a.name)}"  # a concept-set path in a label never nests
-                a.save(root / rel)
+                held, checkpoint = self._checkpoints.pop(id(a), (None, None))
+                if held is a and checkpoint.is_dir():
+                    shutil.rmtree(root / rel, ignore_errors=True)  # left by an earlier interrupted save
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    checkpoint.replace(root / rel)
+                else:
+                    a.save(root / rel)
                 paths[str(L)].append(rel)
         atomic_write_json(root / "index.json", paths)
         shutil.rmtree(root / "fits", ignore_errors=True)  # the per-fit checkpoints are in the index now
@@ -284,12 +292,15 @@ class ModelContext:
             path = fits_dir / f"L{layer:02d}" / key
             if (path / "cfg.json").exists():
                 try:
-                    return load_artefact(path)
+                    art = load_artefact(path)
+                    self._checkpoints[id(art)] = (art, path)
+                    return art
                 except ArtefactError as e:
                     print(f"[epbench] checkpointed fit unusable, fitting it again: {e}", flush=True)
         art = _labelled(spec, fit())
         if path is not None:
             art.save(path)
+            self._checkpoints[id(art)] = (art, path)
         return art
 
     def build(self, spec: MethodSpec, fits_dir: Path | None = None) -> dict[int, list[Artefact]]:

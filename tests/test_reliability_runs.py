@@ -205,6 +205,7 @@ def test_an_interrupted_multi_fit_build_resumes_at_the_next_fit(cache, monkeypat
 
     from bench.store import write_synthetic_store
     from bench.suites import MethodSpec
+    from methods.base import Artefact
     from methods.random_directions import RandomDirections
 
     g = torch.Generator().manual_seed(0)
@@ -228,10 +229,18 @@ def test_an_interrupted_multi_fit_build_resumes_at_the_next_fit(cache, monkeypat
         ctx._load_or_build(spec)
     assert fitted == [(0, 1), (0, 2), (1, 1)]
     stop_at_fourth = False
+    saved: list[str] = []
+    real_save = Artefact.save
+    monkeypatch.setattr(Artefact, "save", lambda self, path: (saved.append(str(path)), real_save(self, path))[1])
     resumed = ctx._load_or_build(spec)
     assert fitted[3:] == [(1, 2), (2, 1), (2, 2)]  # the three finished fits are not repeated
+    assert len(saved) == 3  # each new fit is written once, as its checkpoint, then moved into the index's place
     root = next(cache.glob("artefacts/*/random-*/*"))
     assert not (root / "fits").exists()  # once the index is written the checkpoints are folded into it
+    indexed = ctx._load_cached(root)
+    for L in (1, 2):
+        for a, b in zip(resumed[L], indexed[L]):
+            assert a.name == b.name and torch.equal(a.directions, b.directions)
     for path in root.glob("*"):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     fresh = ctx._load_or_build(spec)  # a build never interrupted gives the same artefacts
