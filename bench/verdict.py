@@ -44,6 +44,9 @@ CONTROL_OF: dict[str, str] = {
     "causal.ablate.delta_logit_diff": "causal.ablate.control_delta",
     "causal.steer.delta_logit_diff": "causal.steer.control_delta",
 }
+# every metric a verdict is computed on -> +1 when higher is better, -1 when lower is better; looked up strictly, so
+# a metric added to the table without a direction fails instead of being read the wrong way round
+METRIC_DIRECTION: dict[str, int] = {**HEADLINE_METRICS, "causal.steer.delta_logit_diff": -1}
 CONTROL = "same-norm random direction"
 EV_FLOOR = 0.7  # a trained SAE with held-out explained variance below this is marked "undertrained" everywhere
 VERDICTS = ("better", "worse", "no detectable difference")
@@ -218,7 +221,7 @@ def decide(results: list[PairedResult | None], comps: list[Comparison], cfg: Ver
         if r is None:
             out.append(Verdict(comp, None))
             continue
-        sign = HEADLINE_METRICS.get(comp.metric, +1)
+        sign = METRIC_DIRECTION[comp.metric]
         word = VERDICTS[2] if not p < cfg.alpha else (VERDICTS[0] if sign * r.diff > 0 else VERDICTS[1])
         out.append(Verdict(comp, r, p, word))
     return out

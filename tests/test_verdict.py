@@ -81,11 +81,15 @@ def test_lower_is_better_for_causal_deltas_and_control_pairing(tmp_path):
     prompts = [f"{i}:prompt {i}" for i in range(30)]
     rng = np.random.default_rng(1)
     ctrl = rng.normal(0, 0.1, size=30)
-    cells = [_cell("m", 8, "ep:p=2", "ep", "causal.ablate.delta_logit_diff", dict(zip(prompts, ctrl - 1.0))),
-             _cell("m", 8, "ep:p=2", "ep", "causal.ablate.control_delta", dict(zip(prompts, ctrl)))]
+    cells = []
+    for kind in ("ablate", "steer"):  # both deltas: more negative = the answer moved more toward the contrast
+        cells += [_cell("m", 8, "ep:p=2", "ep", f"causal.{kind}.delta_logit_diff", dict(zip(prompts, ctrl - 1.0))),
+                  _cell("m", 8, "ep:p=2", "ep", f"causal.{kind}.control_delta", dict(zip(prompts, ctrl)))]
     run = _write(tmp_path, cells)
-    v = next(v for v in verdict_table(run) if v.comparison.b == CONTROL)
-    assert v.verdict == "better" and v.result.diff == pytest.approx(-1.0)
+    vs = {v.comparison.metric: v for v in verdict_table(run) if v.comparison.b == CONTROL}
+    assert set(vs) == {"causal.ablate.delta_logit_diff", "causal.steer.delta_logit_diff"}
+    for v in vs.values():
+        assert v.verdict == "better" and v.result.diff == pytest.approx(-1.0)
 
 
 def test_random_control_is_matched_by_k_when_available():

@@ -11,7 +11,7 @@ import pandas as pd
 
 from bench.claims import scorecard
 from bench.report.common import MISSING, fmt_num, md_table
-from bench.verdict import CONTROL, EV_FLOOR, HEADLINE_METRICS, Verdict, artefact_table, seed_spread
+from bench.verdict import CONTROL, EV_FLOOR, HEADLINE_METRICS, METRIC_DIRECTION, Verdict, artefact_table, seed_spread
 
 DIRECTION = {+1: "higher is better", -1: "lower is better"}
 
@@ -42,7 +42,7 @@ def verdict_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
              f"a comparison at unlike dictionary sizes (best-of-K feature selection favours the larger K by chance "
              f"alone). Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."), ""]
     for metric in dict.fromkeys(v.comparison.metric for v in verdicts):
-        sign = HEADLINE_METRICS.get(metric, -1)
+        sign = METRIC_DIRECTION[metric]
         out += [f"**{metric}** ({DIRECTION[sign]})", ""]
         body = []
         for v in (v for v in verdicts if v.comparison.metric == metric):
