@@ -17,7 +17,9 @@ For a comparison A vs B on one metric:
 Comparisons (`plan_comparisons`): every EP percentile vs every SAE (converged, matched width, matched tokens),
 EP vs k-means at EP's K (else the suite's k-means, budget flagged), every method vs the random control at its
 own K (else the suite's random, flagged: best-of-K selection favours a larger K by chance alone), and, for the
-causal metrics, every method vs its built-in same-norm random direction.
+causal metrics, every method vs its built-in same-norm random direction. The steering delta is compared with that
+control only: each method steers at the strength it chose on train prompts, so two methods' steering deltas come
+from unlike strengths (and unlike KL); the control shares its method's strength.
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str]) -> list[Compari
         pairs += [(m, r, "vs random") for r in ([] if same_k else plain("random"))]
     out = []
     for metric in metrics:
-        for a, b, kind in pairs:
+        for a, b, kind in (pairs if metric in HEADLINE_METRICS else []):  # steering: vs its control only
             out.append(Comparison(a, b, kind, metric, budget_a=_budget(arts, a), budget_b=_budget(arts, b),
                                   note=_size_note(arts, a, b)))
         if metric in CONTROL_OF:

@@ -106,6 +106,18 @@ def test_random_control_is_matched_by_k_when_available():
     assert "K differs" in comps[("ep:p=4", "sae")].note
 
 
+def test_steering_is_compared_with_its_same_strength_control_only():
+    arts = pd.DataFrame([
+        {"method": "ep:p=4", "family": "ep", "K": 545, "tokens": 40_000, "matched_to": None},
+        {"method": "sae", "family": "sae", "K": 2048, "tokens": 52_000, "matched_to": None},
+    ])
+    comps = plan_comparisons(arts, ["causal.ablate.delta_logit_diff", "causal.steer.delta_logit_diff"])
+    ablate = {(c.a, c.b) for c in comps if c.metric == "causal.ablate.delta_logit_diff"}
+    steer = {(c.a, c.b) for c in comps if c.metric == "causal.steer.delta_logit_diff"}
+    assert ("ep:p=4", "sae") in ablate  # no strength to tune: methods compared directly
+    assert steer == {("ep:p=4", CONTROL), ("sae", CONTROL)}  # each method steers at its own train-chosen strength
+
+
 def test_too_few_units_gives_no_verdict(tmp_path):
     cells = [_cell("m", 4, "a", "ep", "detection.auroc", {"x": 1.0, "y": 0.9}),
              _cell("m", 4, "b", "sae", "detection.auroc", {"x": 0.1, "y": 0.2})]

@@ -40,7 +40,9 @@ def verdict_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
              f"`better` / `worse` (in the metric's direction) only when the adjusted p < 0.05; otherwise `no "
              f"detectable difference`, whatever the point estimate. Budgets are stated per side; `K differs` flags "
              f"a comparison at unlike dictionary sizes (best-of-K feature selection favours the larger K by chance "
-             f"alone). Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."), ""]
+             f"alone). Steering deltas are compared with the same-strength random direction only: each method "
+             f"steers at the strength it chose on train prompts, so two methods' deltas would come from unlike "
+             f"strengths and KL. Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."), ""]
     for metric in dict.fromkeys(v.comparison.metric for v in verdicts):
         sign = METRIC_DIRECTION[metric]
         out += [f"**{metric}** ({DIRECTION[sign]})", ""]
