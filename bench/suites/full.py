@@ -5,11 +5,11 @@ EP's one-pass build of all layers and percentiles 10 min, the SAE spec (3 seeds 
 1.1-2.1 epochs) 22 min, k-means k=2048 (9 fits) 4 min, the SAEs at EP's K (27 fits) 22 min, the SAEs on EP's tokens
 (18 fits, each converged after 8-17 epochs of its 100k-220k tokens) 60 min; a concept cell takes 10 s to 4 min
 (random@K scores 24 dictionaries per layer), a loss-recovered cell about a minute; the causal cells at L8 (4
-relations, 1,447 answered prompts) 29 min for EP's 5 percentiles, 16 min for the SAE (3 seeds), as long for random (3 seeds), 5 min
-for PCA. Cells run method by method and every fit of a build is
-checkpointed, so `epbench run --suite full --run-id full` in a later sitting continues where this one stopped. On a
-fresh machine the store and the artefacts the remaining cells need are rebuilt first: every build is seeded, so they
-are the same. Committed as results/full/ (cells, rows, report; no activations)."""
+relations, 1,447 answered prompts) 29 min for EP's 5 percentiles, 16 min for the SAE (3 seeds), as long for random
+(3 seeds), 5 min for PCA. Cells run method by method and every fit of a build is checkpointed, so `epbench run
+--suite full --run-id full` in a later sitting continues where this one stopped. On a fresh machine the store and
+the artefacts the remaining cells need are rebuilt first: every build is seeded, so they are the same. Committed as
+results/full/ (cells, rows, report; no activations)."""
 
 from bench.suites import MethodSpec, Suite
 
