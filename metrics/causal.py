@@ -209,7 +209,7 @@ class _Texts:
                     yield i, lp[j, 1 : int(lens[j])].clone()  # a copy, so the padded batch is not kept alive
 
 
-def _kl_per_text(clean: Sequence[torch.Tensor], inter: Iterable[tuple[int, torch.Tensor]]) -> np.ndarray:
+def _kl_per_text(clean: Mapping[int, torch.Tensor], inter: Iterable[tuple[int, torch.Tensor]]) -> np.ndarray:
     """Per text, the mean over positions of KL(clean || intervened); intervened log-probs are streamed."""
     out = np.zeros(len(clean))
     for i, q in inter:
@@ -308,9 +308,7 @@ class _Runner:
         self.rep = _Texts(backend, [t for _ in self.kl_attrs for t in unrelated], layer, self.bs)
         self.rep_f = [self.chosen[a] for a in self.kl_attrs for _ in unrelated]
         self.rep_c = [self.attrs.index(a) for a in self.kl_attrs for _ in unrelated]
-        self.clean_lp: list[torch.Tensor] = [torch.empty(0)] * self.rep.n
-        for i, lp in self.rep.log_probs(None, self.rep_f):
-            self.clean_lp[i] = lp
+        self.clean_lp = dict(self.rep.log_probs(None, self.rep_f))  # text index -> clean log-probs
 
     def part(self, prompts: Any, role: str, batches: _Texts | None = None) -> _Part:
         """Keys of a prompt half; role "target" (ablate the answer's feature) or "contrast" (steer toward it).
@@ -418,7 +416,8 @@ def causal_metrics(
         rows += _condition_rows(artefact, "causal.ablate", *run.condition(abl, clean, None), cfg.seed, base, L)
     if ste.mask.any():
         alphas = [float(a) * mean_norm for a in cfg.alphas]
-        best = run.choose_alpha(run.part(train, "contrast", train_texts), alphas)  # chosen on train, not on held-out prompts
+        # chosen on train, not on held-out prompts
+        best = run.choose_alpha(run.part(train, "contrast", train_texts), alphas)
         for i, (mult, alpha) in enumerate(zip(cfg.alphas, alphas)):
             strength = f"alpha={mult:g}x mean resid norm ({alpha:.4g})"
             curve = _condition_rows(artefact, "causal.steer.curve", *run.condition(ste, clean, alpha), cfg.seed,
