@@ -13,7 +13,6 @@ import pandas as pd
 from bench.report.common import MAIN_METRIC, TOKENS, _safe, cell_of, families_in, ordered_methods, setting_of
 from bench.report.published import Published
 from bench.report.tables import on_concept_set
-from bench.verdict import load_cells
 
 # --------------------------------------------------------------------------------------------------------
 # Plots
@@ -282,10 +281,10 @@ def plot_sae_curves(cells: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], concept_set: str | None = None,
-               cells: list[dict[str, Any]] | None = None) -> dict[str, str]:
+def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], concept_set: str | None,
+               cells: list[dict[str, Any]]) -> dict[str, str]:
     """Write every plot under run_dir/plots; returns {name: path relative to run_dir}. `cells`: the run's cell
-    records (for the SAE training curves), read from run_dir when not given.
+    records (for the SAE training curves).
 
     Concept-family plots show `concept_set` only (one measured value with its CI per bar)."""
     df = on_concept_set(df, concept_set)
@@ -306,6 +305,6 @@ def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], conc
         out["stability"] = "plots/stability.png"
     if plot_correspondence(df, run_dir, pdir / "correspondence.png"):
         out["correspondence"] = "plots/correspondence.png"
-    if plot_sae_curves(load_cells(run_dir) if cells is None else cells, pdir / "sae_training.png"):
+    if plot_sae_curves(cells, pdir / "sae_training.png"):
         out["sae_curves"] = "plots/sae_training.png"
     return out

@@ -39,9 +39,9 @@ def verdict_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
              f"is a two-sided sign-flip permutation test, **Holm-adjusted over all {tested} tests of this table**. "
              f"`better` / `worse` (in the metric's direction) only when the adjusted p < 0.05; otherwise `no "
              f"detectable difference`, whatever the point estimate. The interval is per comparison (not adjusted), "
-             f"so it can exclude 0 where the adjusted verdict still says `no detectable difference`. Budgets are stated per side; `K differs` flags "
-             f"a comparison at unlike dictionary sizes (best-of-K feature selection favours the larger K by chance "
-             f"alone). Steering deltas are compared with the same-strength random direction only: each method "
+             f"so it can exclude 0 where the adjusted verdict still says `no detectable difference`. Budgets are "
+             f"stated per side; `K differs` flags a comparison at unlike dictionary sizes (best-of-K feature "
+             f"selection favours the larger K by chance alone). Steering deltas are compared with the same-strength random direction only: each method "
              f"steers at the strength it chose on train prompts, so two methods' deltas would come from unlike "
              f"strengths and KL. Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."), ""]
     for metric in dict.fromkeys(v.comparison.metric for v in verdicts):
