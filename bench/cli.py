@@ -132,6 +132,7 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
     cls = get_method(args.method)
     params = vars(config_parser(cls.config_cls, f"epbench build --method {args.method}").parse_args(extra))
     cls(**params)  # validate the parameters before any extraction
+    check_method_device(args.method, params)
     # a store flag that was given must hold for the store used; flags left unset accept any existing store
     given = {k: getattr(args, k) for k in STORE_DEFAULTS if getattr(args, k) is not None}
     if args.max_docs is not None:
@@ -145,17 +146,26 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
                                 **{**STORE_DEFAULTS, **{k: v for k, v in given.items() if k != "max_docs"}})
         store = extract(req, root=args.store_dir, device=args.device)
     from bench.context import ModelContext
-    from bench.suites import MethodSpec, get_suite
+    from bench.suites import MethodSpec
 
-    suite = dataclasses.replace(get_suite("default"), models=[args.model], layers=[args.layer],
+    suite = dataclasses.replace(load_suite("default"), models=[args.model], layers=[args.layer],
                                 concept_sets=[args.concepts], device=args.device)
     ctx = ModelContext(suite, args.model, store=store)
     built = ctx.build(MethodSpec(args.method, params))
     out_root = Path(args.out or Path("results") / "artefacts")
     print(f"store {store.path} ({store.n_tokens} tokens, {store.n_rows} rows)")
     print(f"{'artefact':<22}{'K':>8}{'rows':>10}{'tokens':>11}{'GFLOP':>10}{'wall s':>9}{'peak MiB':>10}  path")
+    from bench.cache import as_os_error
+
     for art in built[args.layer]:
-        path = art.save(out_root / store.model / f"L{args.layer:02d}" / _folder_name(art.name))
+        path = out_root / store.model / f"L{args.layer:02d}" / _folder_name(art.name)
+        try:
+            art.save(path)
+        except Exception as e:  # a real full disk raises safetensors' SafetensorError: one line naming the path
+            io_error = as_os_error(e, path)
+            if io_error is None:
+                raise
+            raise io_error from e
         c = art.cost
         extra_info = f"  theta={art.info['theta']:.4f}" if "theta" in art.info else ""
         print(f"{art.name:<22}{art.K:>8}{c.rows:>10}{c.tokens:>11}{c.flops / 1e9:>10.2f}{c.wall_seconds:>9.2f}"
@@ -170,11 +180,33 @@ def _folder_name(label: str) -> str:
     return safe_name(label.replace("=", ""))
 
 
-def _suite_from_args(args: argparse.Namespace):
-    """The named suite, narrowed by --model/--layers/--method/--metrics."""
+def load_suite(name: str):
+    """`bench.suites.get_suite`, with a broken suite file (a syntax error, no SUITE, a failing import) reported in
+    one line naming the file and the fix instead of a traceback."""
     from bench.suites import get_suite
 
-    suite = get_suite(args.suite)
+    try:
+        return get_suite(name)
+    except (SyntaxError, ImportError, AttributeError, NameError, TypeError) as e:
+        import importlib.util
+
+        try:
+            where = importlib.util.find_spec(f"bench.suites.{name}").origin
+        except (ImportError, AttributeError, ValueError):
+            where = str(Path(__file__).resolve().parent / "suites" / f"{name}.py")
+        if isinstance(e, SyntaxError):
+            what = f"syntax error at line {e.lineno}: {e.msg}"
+        elif isinstance(e, AttributeError) and "SUITE" in str(e):
+            what = "it defines no SUITE"
+        else:
+            what = f"{type(e).__name__}: {e}"
+        raise ValueError(f"suite file {where} cannot be loaded ({what}); fix it (it must define SUITE = Suite(...)) "
+                         "or pick another --suite") from None
+
+
+def _suite_from_args(args: argparse.Namespace):
+    """The named suite, narrowed by --model/--layers/--method/--metrics."""
+    suite = load_suite(args.suite)
     suite = narrow_suite(suite, models=args.model, layers=args.layers, methods=args.method, metrics=args.metrics)
     return with_data(suite, args.concepts, args.prompts)
 
@@ -207,9 +239,15 @@ def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
 
     suite = dataclasses.replace(suite)
     if models:
+        from bench.models import LOADERS
+
+        unknown = [m for m in models if m not in LOADERS]
+        if unknown:  # before any run folder is made
+            raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(sorted(LOADERS))}")
         suite.models = list(models)
     if layers:
         suite.layers = sorted(set(layers))
+        suite.model_layers = {}  # the layers asked for, for every model
     if methods:
         known = {s.label: s for s in suite.methods}
         specs = []
@@ -218,22 +256,64 @@ def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
                 specs.append(known[text])
                 continue
             spec = MethodSpec.parse(text)
-            base = next((s for s in suite.methods if s.method == spec.method), None)
+            _rejoin_paths(spec)
+            # the suite's spec of the same label (e.g. `kmeans@K`) lends its params and budget rule, else the first
+            # spec of the same method its params
+            same = next((s for s in suite.methods if s.label == spec.label), None)
+            base = same or next((s for s in suite.methods if s.method == spec.method), None)
             if base is not None:
                 spec.params = {**base.params, **spec.params}
+            if same is not None:
+                for name in ("match_p", "seeds", "k_per_width", "rows_as_target"):
+                    if not getattr(spec, name):
+                        setattr(spec, name, getattr(same, name))
             specs.append(spec)
         from methods.registry import get_method
 
         for spec in specs:
-            get_method(spec.method)  # unknown names fail here, listing what exists
+            get_method(spec.method).config_cls.from_dict(spec.params)  # unknown names / bad values fail here, now
         suite.methods = specs
     if metrics and metrics != ["all"]:
         suite.metrics = [m for m in METRIC_FAMILIES if m in set(metrics)]
         unknown = set(metrics) - set(METRIC_FAMILIES)
         if unknown:
             raise ValueError(f"unknown metric families {sorted(unknown)}; valid: {', '.join(METRIC_FAMILIES)}, all")
+    for spec in suite.methods:
+        check_method_device(spec.label, spec.params)  # e.g. ep:device=cuda on a CPU-only torch: one line, now
     suite.__post_init__()
     return suite
+
+
+def _rejoin_paths(spec) -> None:
+    """A `/` in a method spec separates list items (`ep:p=1/2/4`), so `sae:path=/data/sae` reads as a list: for a
+    field that takes one string (a path), the items are joined back."""
+    from methods.registry import get_method
+
+    try:
+        hints = typing.get_type_hints(get_method(spec.method).config_cls)
+    except (ValueError, TypeError, NameError):
+        return
+    for key, value in list(spec.params.items()):
+        hint = hints.get(key)
+        takes_str = hint is str or (typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType",
+                                    None)) and str in typing.get_args(hint)
+                                    and not any(typing.get_origin(a) is list for a in typing.get_args(hint)))
+        if takes_str and isinstance(value, list):
+            spec.params[key] = "/".join("" if v is None else str(v) for v in value)
+
+
+def check_method_device(label: str, params: dict[str, Any]) -> None:
+    """A method's `device=` this torch cannot use, refused in one line before anything runs."""
+    from bench.models import pick_device
+
+    for key, value in params.items():
+        if (key == "device" or key.endswith("_device")) and isinstance(value, str) and value:
+            try:
+                pick_device(value)
+            except ValueError as e:
+                reason = str(e).split(": ", 1)[-1].split("; use")[0]
+                raise ValueError(f"method {label!r}: {key}={value}: {reason}; use {key}=cpu (or leave {key} "
+                                 "unset: cuda when available)") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -248,9 +328,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from bench.runner import run_suite
-    from bench.suites import get_suite
 
-    base = get_suite("default")
+    base = load_suite("default")
     suite = narrow_suite(base, models=[args.model], layers=[args.layer], methods=args.methods, metrics=args.metrics)
     suite = dataclasses.replace(suite, name="score",
                                 store_tokens=args.tokens if args.tokens is not None else base.store_tokens)
@@ -389,13 +468,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only or unwritable folders: one line naming the path and the fix
         print(f"epbench: error: {os_error_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a library's I/O error that is not an OSError (safetensors on a full disk)
+        from bench.cache import as_os_error
+
+        io_error = as_os_error(e, _output_of(args))
+        if io_error is None:
+            raise
+        print(f"epbench: error: {os_error_line(io_error)}", file=sys.stderr)
+        return 2
+
+
+def _output_of(args: argparse.Namespace) -> str:
+    """Where a command writes, for an I/O error that names no file."""
+    from bench.cache import cache_dir
+
+    for name in ("out", "store_dir", "results_dir"):
+        if getattr(args, name, None):
+            return str(getattr(args, name))
+    return str(cache_dir())
 
 
 def os_error_line(e: OSError) -> str:
     """One line for an OSError: the path, what went wrong, and what to do (finished work is always kept)."""
     import errno
 
-    where = e.filename or "a file"
+    where = e.filename or "the output folder"
     what = e.strerror or str(e)
     if e.errno == errno.ENOSPC:
         fix = "free disk space, then rerun the same command: finished work is kept and it resumes"

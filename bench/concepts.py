@@ -455,6 +455,12 @@ FILE_FORMAT_HELP = ("one example per row with columns text, concept, category (p
                     "hard_negative) and split (train | test)")
 
 
+# A text longer than this is cut at load: no registered model reads more than 8,192 tokens of a context and no
+# token of theirs is near 64 characters, so the cut never changes a stored token, while a 1 GB line would be
+# tokenised whole by every count of truncated texts (a 20 MB line: 4.7 GB, 55 s).
+MAX_TEXT_CHARS = 1 << 19
+
+
 def _decode_utf8(path: Path) -> str:
     raw = path.read_bytes()
     try:
@@ -497,8 +503,16 @@ def load_concept_file(path: str | Path, fmt: str | None = None) -> ConceptSet:
         raise ValueError(f"{path}: unknown concept file format {fmt!r}; use jsonl:PATH or csv:PATH")
     if not path.is_file():
         raise FileNotFoundError(f"concept file not found: {path} ({FILE_FORMAT_HELP})")
-    rows, split_of = [], {}
+    rows, split_of, label_of, n_cut = [], {}, {}, 0
     for lineno, rec in _file_records(path, fmt):
+        wrong = [c for c in FILE_COLUMNS if rec[c] is not None and not isinstance(rec[c], str)
+                 and not (c == "concept" and isinstance(rec[c], int) and not isinstance(rec[c], bool))]
+        if wrong:
+            what = ", ".join(f"{c} is a {type(rec[c]).__name__} ({str(rec[c])[:40]!r})" for c in wrong)
+            raise ValueError(f"{path}:{lineno}: {what}, not a string; {FILE_FORMAT_HELP}")
+        if rec["text"] is not None and len(rec["text"]) > MAX_TEXT_CHARS:
+            rec = {**rec, "text": rec["text"][:MAX_TEXT_CHARS]}  # far past any context: only the start is ever read
+            n_cut += 1
         text, concept = str(rec["text"] or ""), str(rec["concept"] or "").strip()
         category = FILE_CATEGORIES.get(str(rec["category"] or "").strip().lower())
         split = str(rec["split"] or "").strip().lower()
@@ -514,9 +528,16 @@ def load_concept_file(path: str | Path, fmt: str | None = None) -> ConceptSet:
         if split_of.setdefault(text, (split, lineno))[0] != split:
             raise ValueError(f"{path}:{lineno}: this text is also in the {split_of[text][0]} split (line "
                              f"{split_of[text][1]}); a text must have one split, or test scores see training data")
+        was, at = label_of.setdefault((text, concept), (category, lineno))
+        if was != category and "positive" in (was, category):
+            raise ValueError(f"{path}:{lineno}: this text is labelled {category!r} for concept {concept!r}, but line "
+                             f"{at} labels it {was!r}; one text has one label per concept (delete one of the lines)")
         rows.append((text, concept, category, split))
     if not rows:
         raise ValueError(f"{path}: no examples; {FILE_FORMAT_HELP}")
+    if n_cut:
+        print(f"[epbench] {path}: {n_cut} text(s) longer than {MAX_TEXT_CHARS:,} characters were cut there (a store "
+              "reads only the first ctx_len tokens of a text, far fewer)", flush=True)
     ex = _frame(rows).drop_duplicates()
     concepts = list(dict.fromkeys(ex["concept"]))
     for c in concepts:
@@ -532,10 +553,157 @@ def load_concept_file(path: str | Path, fmt: str | None = None) -> ConceptSet:
 
 
 # ----------------------------------------------------------------------------------------------
+# sae-probes datasets (Kantamneni et al. 2025, arXiv 2502.16681), read from the installed wheel's data files
+
+SAEPROBES_DIST = "sae-probes"  # installed with --no-deps: its own pins (pandas<3) clash with ours; never imported
+SAEPROBES_DATA = "sae_probes/data/cleaned_data"  # *.csv.zst with columns prompt, [prompt_len,] target
+SAEPROBES_ENV = "EPBENCH_SAEPROBES_DIR"  # overrides the folder (tests, a copy elsewhere)
+SAEPROBES_INSTALL = "pip install --no-deps sae-probes==0.4.2"
+# Target values read as the positive class; other two-valued targets take the later value in sorted order
+# (the label-encoder convention). Probe accuracy and AUROC do not depend on which class is called positive.
+SAEPROBES_POSITIVE = ("1", "true", "yes", "correct", "clickbait", "bigram")
+
+
+def saeprobes_root(root: str | Path | None = None) -> Path:
+    """The cleaned_data folder: `root`, else $EPBENCH_SAEPROBES_DIR, else the installed sae-probes distribution's."""
+    import importlib.metadata
+    import os
+
+    root = root if root is not None else os.environ.get(SAEPROBES_ENV)
+    if root is None:
+        try:
+            dist = importlib.metadata.distribution(SAEPROBES_DIST)
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(f"sae-probes datasets not found: install them with `{SAEPROBES_INSTALL}` "
+                                    f"(or set {SAEPROBES_ENV} to a cleaned_data folder)") from None
+        root = Path(str(dist.locate_file(SAEPROBES_DATA)))
+    root = Path(root)
+    if not root.is_dir() or not any(root.glob("*.csv.zst")):
+        raise FileNotFoundError(f"no sae-probes *.csv.zst files in {root}; reinstall with `{SAEPROBES_INSTALL}` "
+                                f"(or point {SAEPROBES_ENV} at a cleaned_data folder)")
+    return root
+
+
+def read_saeprobes_csv(path: str | Path) -> pd.DataFrame:
+    """One sae-probes dataset file (zstd-compressed CSV) as a DataFrame; clear errors for a corrupted file."""
+    try:
+        import zstandard
+    except ImportError:
+        raise ImportError("reading sae-probes datasets needs zstandard: pip install zstandard") from None
+    path = Path(path)
+    fix = f"reinstall the data with `{SAEPROBES_INSTALL} --force-reinstall`"
+    data, out = path.read_bytes(), []
+    try:
+        while data:  # a file may hold several zstd frames
+            d = zstandard.ZstdDecompressor().decompressobj()
+            out.append(d.decompress(data))
+            if not d.eof:  # a truncated frame decompresses without error, just short
+                raise zstandard.ZstdError("truncated zstd frame")
+            data = d.unused_data
+        df = pd.read_csv(io.BytesIO(b"".join(out)))
+    except (zstandard.ZstdError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupted sae-probes data file ({e}); {fix}") from None
+    missing = [c for c in ("prompt", "target") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: sae-probes data file lacks column(s) {missing}; {fix}")
+    return df
+
+
+def _saeprobes_positive(target: pd.Series) -> Any:
+    """The value of a two-valued target read as the positive class."""
+    values = list(target.unique())
+    if pd.api.types.is_numeric_dtype(target) or pd.api.types.is_bool_dtype(target):
+        return max(values)  # 1 / True
+    named = [v for v in values if str(v).strip().lower() in SAEPROBES_POSITIVE]
+    return named[0] if named else sorted(values, key=str)[1]
+
+
+def _saeprobes_pools(df: pd.DataFrame, seed: int, salt: str) -> tuple[dict[str, dict[int, list[str]]], str, int]:
+    """Texts per split and 0/1 label, in seeded hash order, the positive label, and rows dropped as conflicting."""
+    from bench.corpora import hash_unit
+
+    df = df.dropna(subset=["prompt", "target"])
+    df = df.assign(prompt=df["prompt"].astype(str)).drop_duplicates(["prompt", "target"])
+    conflicting = df["prompt"].duplicated(keep=False)  # one text under both labels: unusable
+    df = df[~conflicting]
+    pos = _saeprobes_positive(df["target"])
+    pools: dict[str, dict[int, list[str]]] = {s: {0: [], 1: []} for s in SPLITS}
+    for text, y in zip(df["prompt"], (df["target"] == pos).astype(int)):
+        # A text's split hashes the text alone (not the dataset): one split in every dataset that holds it.
+        split = "train" if hash_unit(f"saeprobes-split:{seed}:{text}") < 0.5 else "test"
+        pools[split][int(y)].append(text)
+    for split in SPLITS:
+        for y, texts in pools[split].items():
+            pools[split][y] = [texts[i] for i in hash_order(texts, seed, salt=f"{salt}:{split}:{y}")]
+    return pools, str(pos), int(conflicting.sum())
+
+
+def saeprobes_datasets(names: Iterable[str] | None = None, per_concept: int = 40, seed: int = 0,
+                       train_frac: float = 0.5, test_examples: int | None = None,
+                       train_examples: int | None = None, root: str | Path | None = None, every: int = 1
+                       ) -> ConceptSet:
+    """Concept = one binary sae-probes dataset: positives its target-1 texts, negatives its target-0 texts (a
+    string target's positive value: SAEPROBES_POSITIVE, else the later in sorted order; `meta['positive_label']`).
+
+    Texts are split in half by a seeded hash of the text (so a text shared by two datasets has one split).
+    Sizes per dataset, balanced: `per_concept` positives (and as many negatives) split by `train_frac`; or, with
+    `test_examples` set, that many test positives and negatives and up to `train_examples` (default:
+    test_examples) of each for training. Smaller datasets give what they hold (`meta['n_per_dataset']`). Skipped
+    and counted in meta: datasets whose target is not two-valued, and those left without both classes in a split.
+    """
+    if test_examples is None:
+        _check_sizes(per_concept, train_frac)
+        want = {"train": round(train_frac * per_concept), "test": per_concept - round(train_frac * per_concept)}
+    else:
+        if test_examples < 1:
+            raise ValueError(f"test_examples must be >= 1, got {test_examples}")
+        want = {"test": test_examples, "train": train_examples if train_examples is not None else test_examples}
+    folder = saeprobes_root(root)
+    files = {p.name[:-len(".csv.zst")]: p for p in sorted(folder.glob("*.csv.zst"))}
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    chosen = (list(files) if names is None else list(dict.fromkeys(names)))[::every]
+    unknown = [n for n in chosen if n not in files]
+    if unknown:
+        raise ValueError(f"unknown sae-probes dataset(s) {unknown[:5]}; names are the file names without .csv.zst, "
+                         f"e.g. {', '.join(list(files)[:3])} ({len(files)} in {folder})")
+    rows: list[tuple[str, str, str, str]] = []
+    concepts, non_binary, one_class, sizes, positive, conflicting = [], [], [], {}, {}, {}
+    for name in chosen:
+        df = read_saeprobes_csv(files[name])
+        if df["target"].dropna().nunique() != 2:
+            non_binary.append(name)
+            continue
+        pools, pos, dropped = _saeprobes_pools(df, seed, salt=f"saeprobes:{name}")
+        n = {s: min(want[s], len(pools[s][0]), len(pools[s][1])) for s in SPLITS}
+        if min(n.values()) < 1:
+            one_class.append(name)
+            continue
+        concepts.append(name)
+        positive[name], conflicting[name] = pos, dropped
+        sizes[name] = {"available": len(df), **n}
+        for split in SPLITS:
+            for y, category in ((1, "positive"), (0, "negative")):
+                rows += [(t, name, category, split) for t in pools[split][y][:n[split]]]
+    if not concepts:
+        raise ValueError(f"no usable binary sae-probes dataset among {chosen[:5]}: {len(non_binary)} not binary, "
+                         f"{len(one_class)} without both classes in a split")
+    meta: dict[str, Any] = {"seed": seed, "per_concept": per_concept, "train_frac": train_frac}
+    if test_examples is not None:
+        meta = {"seed": seed, "test_examples": test_examples, "train_examples": want["train"]}
+    meta.update({"root": str(folder), "n_per_dataset": sizes, "positive_label": positive,
+                 "skipped_non_binary": non_binary, "skipped_one_class": one_class,
+                 "dropped_conflicting": {k: v for k, v in conflicting.items() if v}})
+    name = "saeprobes" if names is None else "saeprobes:" + ",".join(chosen)
+    return ConceptSet(name, concepts, _frame(rows),
+                      f"sae-probes cleaned_data ({folder}); concept = binary dataset, per-dataset n in meta", meta)
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 
-VALID_CONCEPT_SPECS = ("wordnet", "bbc", "axbench:/path/to/prod_2b_l20_v1", "jsonl:/path/file.jsonl",
-                       "csv:/path/file.csv")
+VALID_CONCEPT_SPECS = ("wordnet", "bbc", "saeprobes[:NAME,...]", "axbench:/path/to/prod_2b_l20_v1",
+                       "jsonl:/path/file.jsonl", "csv:/path/file.csv")
 
 
 def get_concept_set(spec: str, seed: int = 0, **kwargs: Any) -> ConceptSet:
@@ -546,6 +714,23 @@ def get_concept_set(spec: str, seed: int = 0, **kwargs: Any) -> ConceptSet:
         return bbc_topics(seed=seed, **kwargs)
     if spec.startswith("axbench:"):
         return load_axbench(spec[len("axbench:"):], **kwargs)
+    if spec == "saeprobes" or spec.startswith("saeprobes:"):
+        # `saeprobes:NAME,NAME` picks datasets; the options `every=N` (every N-th dataset file in name order, a
+        # subset fixed before any result) and `n=N` (N texts per dataset, half train, half test: overrides the
+        # suite's sizes) size it to a budget
+        items = [n.strip() for n in spec[len("saeprobes:"):].split(",") if n.strip()]
+        opts = dict(i.split("=", 1) for i in items if "=" in i)
+        names = [i for i in items if "=" not in i]
+        bad = sorted(set(opts) - {"every", "n"})
+        if bad:
+            raise ValueError(f"concept set {spec!r}: unknown option(s) {bad}; valid: every=N, n=N")
+        if "n" in opts:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("test_examples", "train_examples")}
+            kwargs["per_concept"] = int(opts["n"])
+        cs = saeprobes_datasets(names or None, seed=seed, every=int(opts.get("every", 1)), **kwargs)
+        if opts:
+            cs.name = spec
+        return cs
     for fmt in ("jsonl", "csv"):
         if spec.startswith(f"{fmt}:"):
             return load_concept_file(spec[len(fmt) + 1:], fmt)

@@ -1,10 +1,18 @@
-"""pytest plugin for the benchmark suites: `pytest bench/ --suite default` collects one test per cell."""
+"""pytest plugin for the benchmark suites: `pytest bench/ --suite default` collects one test per cell.
+
+`pytest bench/ --method NAME` also runs the plugin contract check (`bench/plugin_contract.py`, collected as a test
+module here) for every `--method` that is not a built-in method, or, without `--method`, for every method installed
+through the `epbench.methods` entry points; the terminal summary prints each report (which metric families the
+method joins and why). `-k contract` runs only the contract.
+"""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -25,6 +33,38 @@ def pytest_addoption(parser):
     group.addoption("--address", default=None, help="Ray cluster address for --executor ray (default: start one)")
 
 
+def pytest_collect_file(file_path, parent):
+    """Collect bench/plugin_contract.py (an importable module, not named test_*) for its contract test."""
+    if (file_path.name == "plugin_contract.py" and file_path.parent == Path(__file__).parent
+            and not parent.session.isinitpath(file_path)):  # named on the command line: pytest collects it itself
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _contract_specs(config) -> list[str]:
+    """The method strings whose contract is checked: non-built-in `--method`s, else the installed plugins."""
+    from methods.registry import _BUILTIN, _plugins
+
+    if config.option.method:
+        return [m for m in config.option.method if m.split(":")[0].split("@")[0] not in _BUILTIN]
+    return sorted(_plugins())
+
+
+CONTRACT_REPORTS = []  # (spec, ContractReport) of this session, printed in the terminal summary
+
+
+@pytest.fixture
+def contract_reports():
+    return CONTRACT_REPORTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if CONTRACT_REPORTS:
+        terminalreporter.section("epbench plugin contract")
+        for _, report in CONTRACT_REPORTS:
+            terminalreporter.write_line(report.format())
+
+
 def _suite(config):
     from bench.cli import narrow_suite
     from bench.suites import get_suite
@@ -34,6 +74,9 @@ def _suite(config):
 
 
 def pytest_generate_tests(metafunc):
+    if "contract_spec" in metafunc.fixturenames:
+        specs = _contract_specs(metafunc.config)
+        metafunc.parametrize("contract_spec", specs, ids=specs)
     if "cell" in metafunc.fixturenames:
         from bench.runner import expand_cells
 

@@ -21,18 +21,13 @@ import torch
 from bench.activations import TextActivations
 from bench.cache import atomic_write_json, cache_dir, file_lock, safe_name, unique_tmp
 from bench.store import ActivationStore, ExtractionRequest, extract
-from bench.suites import ALL_LAYERS, MethodSpec, Suite
+from bench.suites import ALL_LAYERS, MethodSpec, Suite, sae_spec  # noqa: F401  (sae_spec re-exported)
 from bench.verdict import EV_FLOOR  # an SAE below it is marked "undertrained" wherever it appears
 from methods.base import Artefact, ArtefactError, load_artefact
 from metrics.common import MetricRow
 
 if TYPE_CHECKING:
-    from bench.runner import Cell
-
-
-def sae_spec(suite: Suite) -> MethodSpec | None:
-    """The suite's first SAE spec: the SAE that EP's correspondence and cost cells compare with."""
-    return next((s for s in suite.methods if s.method == "sae"), None)
+    from bench.cells import Cell
 
 
 class ModelContext:
@@ -40,6 +35,7 @@ class ModelContext:
 
     def __init__(self, suite: Suite, model: str, progress: bool = True, store: ActivationStore | None = None):
         self.suite, self.model_name, self.progress = suite, model, progress
+        self.layers = suite.layers_for(model)  # the layers this model is read at
         self.extras_dir: Path | None = None  # set by the Run: results/<run-id>/extras
         if store is not None:
             self.__dict__["store"] = store  # pre-fill the cached property
@@ -58,7 +54,7 @@ class ModelContext:
     @cached_property
     def store(self) -> ActivationStore:
         s = self.suite
-        req = ExtractionRequest(model=self.model_name, layers=s.layers, corpus=s.corpus, tokens=s.store_tokens,
+        req = ExtractionRequest(model=self.model_name, layers=self.layers, corpus=s.corpus, tokens=s.store_tokens,
                                 ctx_len=s.ctx_len, seed=s.seed, dtype=s.store_dtype)
         return extract(req, progress=self.progress, device=s.device)
 
@@ -67,7 +63,7 @@ class ModelContext:
         from bench.corpora import Document, ListCorpus
 
         corpus = ListCorpus(name, [Document(i, t, name) for i, t in enumerate(texts)])
-        req = ExtractionRequest(model=self.model_name, layers=self.suite.layers, corpus=name,
+        req = ExtractionRequest(model=self.model_name, layers=self.layers, corpus=name,
                                 tokens=10**12, ctx_len=self.suite.ctx_len, max_contexts_per_doc=1)
         return extract(req, progress=self.progress, device=self.suite.device, corpus=corpus)
 
@@ -86,7 +82,7 @@ class ModelContext:
         out = {}
         for name in s.concept_sets:
             kw: dict[str, Any] = {}
-            if name in ("wordnet", "bbc"):
+            if name in ("wordnet", "bbc") or name.split(":")[0] == "saeprobes":  # built-in sources take sizes
                 kw["per_concept"] = s.concept_examples
                 if s.concept_test_examples:
                     kw["test_examples"] = s.concept_test_examples
@@ -196,7 +192,8 @@ class ModelContext:
         for a in self.cell_artefacts(cell):
             c, info = a.cost, a.info
             out.append({"name": a.name, "family": a.method, "K": a.K, "tokens": c.tokens, "rows": c.rows,
-                        "flops": c.flops, "seed": getattr(a.config, "seed", None), "p": info.get("p"),
+                        "fit_rows": fit_rows(a), "flops": c.flops, "seed": getattr(a.config, "seed", None),
+                        "p": info.get("p"),
                         "matched_to": info.get("matched_to"), "quality": fit_quality(a)})
             if cell.family == "build" and a.method == "sae":  # the training curve, once per artefact
                 out[-1]["training_curve"] = (info.get("training") or {}).get("curve")
@@ -226,17 +223,19 @@ class ModelContext:
             src = inspect.getsourcefile(mod) if mod is not None else None
             code.update(Path(src).read_bytes() if src else repr(cls).encode())
         code.update((Path(__file__).resolve().parents[1] / "methods" / "common.py").read_bytes())
-        inputs: dict[str, Any] = {"layers": sorted(self.suite.layers), "code": code.hexdigest()}
+        inputs: dict[str, Any] = {"layers": sorted(self.layers), "code": code.hexdigest()}
         if cls.supervised:
             inputs["concept_sets"] = {
                 name: hashlib.sha256(cs.examples[["text", "concept", "category", "split"]].to_json().encode())
                 .hexdigest() for name, cs in self.concept_sets.items()}
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
-    def _load_cached(self, root: Path) -> dict[int, list[Artefact]] | None:
-        """The artefacts under `root` if every one verifies and every suite layer is there; None when absent.
+    def _load_cached(self, root: Path, spec: MethodSpec | None = None) -> dict[int, list[Artefact]] | None:
+        """The artefacts under `root` if every one verifies, is the one its slot asks for (`_check_slot`: method,
+        layer, store, label and slot stamp of `spec`) and every suite layer is there; None when absent.
 
-        A damaged one (hash, shape, NaN, missing file, torn index) is reported and None returned, so it is rebuilt.
+        A damaged or misplaced one (hash, shape, NaN, missing file, torn or edited index, copied or swapped folder)
+        is reported and None returned, so it is rebuilt.
         """
         index = root / "index.json"
         if not index.exists():
@@ -244,20 +243,71 @@ class ModelContext:
         try:
             saved = json.loads(index.read_text())
             out = {int(L): [load_artefact(root / p) for p in paths] for L, paths in saved.items()}
-            if set(out) != set(self.suite.layers):
-                raise ArtefactError(f"{index} covers layers {sorted(out)}, not {sorted(self.suite.layers)}")
+            if set(out) != set(self.layers):
+                raise ArtefactError(f"{index} covers layers {sorted(out)}, not {sorted(self.layers)}")
+            for L, paths in saved.items():
+                seen: set[str] = set()
+                for rel, art in zip(paths, out[int(L)]):
+                    self._check_slot(art, spec, int(L), root / rel, folder=Path(rel))
+                    ident = json.dumps([art.name, art.config.to_dict(), art.info.get("concept_set"),
+                                        art.info.get("p")], sort_keys=True, default=str)
+                    if ident in seen:
+                        raise ArtefactError(f"{root / rel}: a second copy of {art.name} at layer {L} in {index}")
+                    seen.add(ident)
             return out
         except (ArtefactError, ValueError, TypeError, AttributeError, KeyError, OSError) as e:
             print(f"[epbench] cached artefact unusable, rebuilding it: {e}", flush=True)
             return None
 
+    def _check_slot(self, art: Artefact, spec: MethodSpec | None, layer: int, where: Path,
+                    folder: Path | None = None, what: dict[str, Any] | None = None) -> None:
+        """Refuse an artefact (ArtefactError) that is not the one this slot asks for: its method, layer and store
+        must be the spec's, the layer's and this context's store's, its label the one its folder was written for
+        (a matched spec's label and target), and the slot stamp written with it (spec key: method, params, match,
+        seeds; layer; the fit's own key, params and seed included, for a checkpoint) must be this slot's. Its
+        hashes only say the files are intact; a copied or swapped folder or an edited index.json is intact too.
+        Artefacts cached before stamps were written are checked on everything but the stamp."""
+        def bad(why: str) -> ArtefactError:
+            return ArtefactError(f"{where} is not the artefact this slot asks for ({why}): a copied or swapped "
+                                 "artefact folder, or an edited index.json")
+
+        info = art.info
+        if spec is not None and art.method != spec.method:
+            raise bad(f"method {art.method!r}, the spec {spec.label!r} needs {spec.method!r}")
+        if "layer" in info and info["layer"] != layer:
+            raise bad(f"fitted at layer {info['layer']}, not {layer}")
+        if "store_id" in info and info["store_id"] != self.store.id:
+            raise bad(f"fitted on store {info['store_id']}, not {self.store.id}")
+        stamp = info.get("slot")
+        if stamp is not None:
+            want = self._slot_stamp(spec, layer, what) if spec is not None else None
+            if not isinstance(stamp, dict) or stamp.get("layer") != layer or (
+                    want is not None and any(stamp.get(k) != v for k, v in want.items())):
+                raise bad(f"it was saved for slot {stamp}, this one is {want or {'layer': layer}}")
+        if spec is not None and spec.match and not (art.name.startswith(f"{spec.label}(") and "matched_to" in info):
+            raise bad(f"label {art.name!r}, not an artefact of the matched spec {spec.label!r}")
+        if folder is not None and (folder.parent.name != f"L{layer:02d}"
+                                   or not folder.name.endswith(f"-{safe_name(art.name)}")):
+            raise bad(f"label {art.name!r} at layer {layer} is not what its folder {folder} was written for")
+        for key in ("concept_set", "matched_to"):
+            if what is not None and key in what and json.loads(json.dumps(info.get(key), default=str)) != \
+                    json.loads(json.dumps(what[key], default=str)):
+                raise bad(f"{key} {info.get(key)!r}, this fit is for {what[key]!r}")
+
+    def _slot_stamp(self, spec: MethodSpec, layer: int, what: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What an artefact records (info["slot"]) about the slot it was built for; `what`: one fit's own inputs."""
+        out: dict[str, Any] = {"spec": self.spec_key(spec), "layer": layer}
+        if what is not None:
+            out["fit"] = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return out
+
     def _load_or_build(self, spec: MethodSpec) -> dict[int, list[Artefact]]:
         root = self._artefact_dir(spec) / self.inputs_key(spec)
-        cached = self._load_cached(root)
+        cached = self._load_cached(root, spec)
         if cached is not None:
             return cached
         with file_lock(root.parent / f"{root.name}.lock", f"the {spec.label} artefact build in {root}"):
-            cached = self._load_cached(root)  # another process may have built it while we waited
+            cached = self._load_cached(root, spec)  # another process may have built it while we waited
             if cached is not None:
                 return cached
             return self._build_and_save(spec, root)
@@ -271,6 +321,7 @@ class ModelContext:
             for i, a in enumerate(arts):
                 rel = f"L{L:02d}/{i:02d}-{safe_name(a.name)}"  # a concept-set path in a label never nests
                 held, checkpoint = self._checkpoints.pop(id(a), (None, None))
+                a.info.setdefault("slot", self._slot_stamp(spec, L))  # a checkpoint carries its own (with its fit)
                 if held is a and checkpoint.is_dir():
                     shutil.rmtree(root / rel, ignore_errors=True)  # left by an earlier interrupted save
                     (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -293,12 +344,14 @@ class ModelContext:
             if (path / "cfg.json").exists():
                 try:
                     art = load_artefact(path)
+                    self._check_slot(art, spec, layer, path, what=what)
                     self._checkpoints[id(art)] = (art, path)
                     return art
                 except ArtefactError as e:
                     print(f"[epbench] checkpointed fit unusable, fitting it again: {e}", flush=True)
         art = _labelled(spec, fit())
         if path is not None:
+            art.info["slot"] = self._slot_stamp(spec, layer, what)  # saved with it: checked when it is reused
             art.save(path)
             self._checkpoints[id(art)] = (art, path)
         return art
@@ -309,7 +362,7 @@ class ModelContext:
         from methods.registry import get_method
 
         cls = get_method(spec.method)
-        layers = self.suite.layers
+        layers = self.layers
         if spec.match:
             return {L: self._build_matched(spec, L, fits_dir) for L in layers}
         if spec.method == "ep":
@@ -418,9 +471,24 @@ def budget_params(spec: MethodSpec, cls: type, target: Artefact) -> dict[str, An
                          "declare `size_param` on its Method class")
     if spec.method == "pca" and target.K > target.d_model:
         return None  # PCA has at most d components
-    if spec.method == "sae" and target.K < int(spec.params.get("k", 1)):
+    out: dict[str, Any] = {name: int(target.K)}
+    if spec.method == "sae" and spec.k_per_width:
+        # sparsity scaled to width: L0 = width x k_per_width, at least 1 and at most the spec's k (a fixed L0 above
+        # the width where the ratio reaches it, as width sweeps usually hold L0)
+        out["k"] = int(min(int(spec.params.get("k", 32)), max(1, round(target.K * spec.k_per_width))))
+    if spec.method == "sae" and target.K < int(out.get("k", spec.params.get("k", 1))):
         return None  # fewer latents than the TopK k
-    return {name: int(target.K)}
+    if spec.rows_as_target:
+        out["n_rows"] = fit_rows(target)  # the same store prefix the target streamed (both read in store order)
+    return out
+
+
+def fit_rows(a: Artefact) -> int:
+    """The rows an artefact's fit really read: k-means' training rows (not the centre's calibration read), else its
+    cost's rows (EP: the discovery stream; an SAE: the rows it trained on)."""
+    if a.method == "kmeans" and a.info.get("n_train_rows") is not None:
+        return int(a.info["n_train_rows"])
+    return int(a.cost.rows)
 
 
 def fit_quality(a: Artefact) -> dict[str, Any] | None:

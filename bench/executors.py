@@ -33,14 +33,15 @@ from typing import Any, NamedTuple
 
 from bench.cache import atomic_write_json, cache_dir
 from bench.context import ModelContext, sae_spec
-from bench.runner import Cell, Run
+from bench.cells import Cell
+from bench.runner import Run, write_cell
 from bench.store import ActivationStore
 from bench.suites import Suite
 
 EXECUTORS = ("local", "ray")
 DATA_KEY = "_run_data"  # carries a worker's run.json "data" (evaluation-data summary) back to the driver
 # Families that run the model itself (interventions, spliced reconstructions): they run on the model's actor.
-MODEL_FAMILIES = ("causal", "recon", "refusal")
+MODEL_FAMILIES = ("causal", "recon", "refusal", "compositional")
 # Environment every worker needs to see as the driver does (shared cache path, offline hub, passive threads).
 PASSED_ENV = ("EPBENCH_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "OMP_WAIT_POLICY", "OMP_NUM_THREADS",
               "TOKENIZERS_PARALLELISM", "EPBENCH_FAULT_KILL", "EPBENCH_FAULT_DIR")
@@ -271,7 +272,7 @@ def _build_task(suite: Suite, run_id: str, extras_dir: str, model: str, label: s
     a budget from (`upstream`)."""
     run = _task_run(suite, run_id, extras_dir, prepared, may_build=True)
     ctx = run.context(model)
-    for layer in suite.layers:
+    for layer in suite.layers_for(model):
         ctx.artefacts(label, layer)
     _fault_point(build_unit(model, label))
     return label
@@ -341,6 +342,24 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
 
 
+def check_address(address: str | None, timeout: float = 3.0) -> None:
+    """Refuse, in one line and within `timeout` seconds, a Ray address nothing listens on ("host:port" or
+    "ray://host:port"). None and "auto"/"local" are left to Ray (start one here / find the local one)."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--address {address!r} is not host:port or ray://host:port (e.g. 10.0.0.5:6379, "
+                         "ray://10.0.0.5:10001, or auto)")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(f"no Ray cluster answers at --address {address} ({e.strerror or type(e).__name__}); "
+                           "start one there (`ray start --head`), pass its right address, or leave --address out "
+                           "to start one on this machine") from None
+
+
 def run_on_ray(run: Run, cells: list[Cell], config: RayConfig | None = None, progress: bool = True,
                raise_on_failure: bool = True) -> list[Failure]:
     """Compute `cells` of `run` on Ray and write each finished cell file; returns (or raises naming) failures.
@@ -358,6 +377,7 @@ def run_on_ray(run: Run, cells: list[Cell], config: RayConfig | None = None, pro
     started_here = not ray.is_initialized()
     env = _worker_env()
     if started_here:
+        check_address(cfg.address)  # a dead address fails here in seconds (Ray itself retries for minutes)
         ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
                  include_dashboard=False, log_to_driver=progress, runtime_env={"env_vars": env})
     try:
@@ -430,7 +450,7 @@ def _submit_and_collect(ray: Any, run: Run, cells: list[Cell], cfg: RayConfig, e
         record["git_commit"] = run.meta["git_commit"]
         for model, summary in record.pop(DATA_KEY, {}).items():
             _merge(run.meta.setdefault("data", {}).setdefault(model, {}), summary)
-        atomic_write_json(run.cell_path(cell), record)
+        write_cell(run.cell_path(cell), record)  # with its checksum, over the fields added here
         wall += float(record["wall_seconds"])
         bar.update(1)
     bar.close()

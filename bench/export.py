@@ -20,11 +20,13 @@ encoder is positively homogeneous in x - b_dec away from thresholds) and `cosine
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from bench.cache import as_os_error, unique_tmp
 from methods.base import Artefact
 
 EXPORT_INFO = "epbench_export.json"  # written beside sae-lens' files: provenance and how to read the latents
@@ -100,10 +102,24 @@ def export_sae_lens(art: Artefact, out: str | Path, readout: str | None = None, 
         raise ValueError(f"{out} exists and is not empty; choose a new OUT directory (nothing was written)")
     sae = SAE.from_dict(plan.cfg)
     sae.load_state_dict(plan.state)
-    sae.save_model(out)
     info = {"source_artefact": source, "method": art.method, "label": art.name, "readout": plan.readout,
             "basis": basis if art.method == "ep" else None, "k": k if plan.readout == "topk" else None,
             "latents": plan.latents, "K": art.K, "provenance": {key: art.info.get(key) for key in
                                                                ("store_id", "model", "layer", "hook", "theta", "p")}}
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+    # written into a fresh folder beside OUT and renamed into place: a full disk or a kill leaves no partial OUT
+    # (which would block the rerun: OUT must be empty) and comes out as an OSError naming OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(out)
+    try:
+        sae.save_model(tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.replace(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        io_error = as_os_error(e, out)
+        if io_error is not None:
+            raise io_error from e
+        raise
     return out

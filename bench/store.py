@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import time
@@ -32,9 +31,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
-
-from bench.cache import cache_dir, file_lock, mismatched_files, remember_sha256, unique_tmp
+from bench.cache import cache_dir, file_lock, forget_sha256, mismatched_files, remember_sha256, save_safetensors
 
 STORE_FORMAT_VERSION = 1
 BOS_POLICY = "BOS prepended to every context; the BOS position is excluded from rows"
@@ -95,17 +92,9 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    """Save through a unique temporary name (removed on any failure, e.g. a full disk); returns the file's sha256."""
-    tmp = unique_tmp(path)
-    try:
-        save_file(tensors, str(tmp))
-        data = tmp.read_bytes()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return hashlib.sha256(data).hexdigest()
+    """Save through a unique temporary name (removed on any failure; a full disk is an OSError naming `path`, not
+    safetensors' own error); returns the file's sha256."""
+    return save_safetensors(tensors, path)
 
 
 def library_versions() -> dict[str, str]:
@@ -265,6 +254,7 @@ class ActivationStore:
             data = p.read_bytes()
             expected = self._shards[index]["files"][rel]["sha256"]
             if hashlib.sha256(data).hexdigest() != expected:
+                forget_sha256([p])  # so the next open hashes it again and repairs it, whatever its stat says
                 raise StoreError(f"shard file {p} is corrupted (sha256 mismatch); rerun the same command: "
                                  "`epbench extract` (and every run, which extracts first) repairs damaged shards")
             self._cache = {k: v for k, v in self._cache.items() if k[0] != kind}
@@ -363,12 +353,36 @@ def _manifest_shape_ok(m: Any) -> bool:
                     for sh in shards))
 
 
+def identity_problem(path: Path, manifest: dict[str, Any]) -> str:
+    """"" when a store's manifest is the store its folder is named for: the request, corpus fingerprint and weights
+    identity it records hash to its id, and the id is the folder's name; else what is wrong. (A folder copied or
+    renamed under another request's id, or a manifest edited to claim another request, is never reused.)
+    Synthetic stores (`write_synthetic_store`: arrays, no request) are named by their content and not checked."""
+    sid = manifest.get("id")
+    if isinstance(sid, str) and sid.startswith("synthetic-"):
+        return ""
+    try:
+        want = request_id(ExtractionRequest(**manifest["request"]), manifest["corpus"],
+                          manifest["model"]["weights_id"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"its manifest does not record a whole request, corpus and weights identity ({type(e).__name__}: {e})"
+    if want != sid:
+        return f"the request, corpus and weights its manifest records hash to {want}, not to its id {sid}"
+    if path.name != sid:
+        return f"it is the store {sid} under the folder name {path.name}"
+    return ""
+
+
 def open_verified(path: Path) -> tuple[ActivationStore | None, str]:
-    """(store, "") when the store at `path` is complete and every shard matches its sha256; else (None, why)."""
+    """(store, "") when the store at `path` is complete, is the store its folder is named for (`identity_problem`)
+    and every shard matches its sha256; else (None, why)."""
     try:
         store = ActivationStore(path)
     except StoreError as e:
         return None, str(e)
+    problem = identity_problem(Path(path), store.manifest)
+    if problem:
+        return None, f"not the store it is filed as: {problem}"
     bad = store.damaged_files()
     if bad:
         return None, f"{len(bad)} shard file(s) damaged (sha256 mismatch), first {bad[0]}"
@@ -508,7 +522,10 @@ def extract(
     """
     from bench.corpora import get_corpus
     from bench.models import LOADERS, weights_identity
+    from bench.synth import extract_synthetic, is_synthetic
 
+    if is_synthetic(req.model):  # samples of a sae_lens.synthetic model, with their ground truth (bench/synth.py)
+        return extract_synthetic(req, root=root, force=force, progress=progress)
     if req.model not in LOADERS:
         raise ValueError(f"unknown model {req.model!r}; available: {', '.join(sorted(LOADERS))}")
     corpus = corpus if corpus is not None else get_corpus(req.corpus, seed=req.seed, max_docs=req.max_docs)
@@ -532,6 +549,16 @@ def _reuse_or_prepare_repair(path: Path, req: ExtractionRequest, fingerprint: di
     """The verified store when it is complete and healthy (or a healthy wider one); else None, after removing
     the records of damaged shards so the extraction below rewrites exactly those."""
     mpath = path / "manifest.json"
+    try:
+        recorded = json.loads(mpath.read_text()) if mpath.exists() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        recorded = None  # torn: repaired below
+    if _manifest_shape_ok(recorded) and (problem := identity_problem(path, recorded)):
+        # another request's store filed under this request's id (a copied or renamed folder, an edited manifest):
+        # never reused or resumed; it is derived data, so it is replaced by a fresh extraction of this request
+        print(f"[epbench] store {path} holds another request ({problem}); re-extracting it for this request",
+              flush=True)
+        shutil.rmtree(path)
     if mpath.exists():
         store, problem = open_verified(path)
         if store is not None:

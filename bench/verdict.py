@@ -1,25 +1,25 @@
-"""Paired verdicts: is a method better than another over the same units, at a stated budget?
+"""Paired verdicts: is a method better than another over the same independent units, at the same budget?
 
-Read from a run's cell files (`results/<run>/cells/*.json`, the source of truth), never from the report:
-every metric row that averaged over units (concepts, prompts) keeps its per-unit values there (`units`), and
-every per-layer cell records the budget of the artefacts it scored (`artefacts`: K, tokens, rows, FLOPs, the
-artefact it was matched to).
+Read from a run's cell files (`results/<run>/cells/*.json`, the source of truth), never from the report: every
+metric row that averaged over units (concepts, datasets, prompts) keeps its per-unit values there (`units`) and,
+where units are not independent, the cluster of each unit (`clusters`: causal prompts that share one selected
+direction form one cluster, relation/answer); every per-layer cell records the budget of the artefacts it scored
+(`artefacts`: K, rows fitted on, tokens, FLOPs, the artefact it was matched to).
 
 For a comparison A vs B on one metric:
-1. per (layer, setting, unit), each method's value is averaged over its fit seeds (stochastic methods);
-2. d = A - B wherever both have the unit; per cluster (setting, unit: a concept or prompt, the same at every
-   layer), d is averaged over the layers in scope, so a concept measured at three layers counts once;
-3. the mean of the cluster differences gets a 95% percentile-bootstrap interval over clusters and a two-sided
-   sign-flip permutation p-value (the paired test: under "no difference" each cluster's sign is arbitrary);
-4. p-values of one table are Holm-adjusted together; the verdict is `better` / `worse` (in the metric's own
+1. per (model, layer, setting, unit), each method's value is averaged over its fit seeds;
+2. layers where A's and B's dictionary sizes differ by more than the suite's tolerance (`VerdictPlan.k_tolerance`,
+   10%) are refused, never pooled; a comparison with no matched layer is listed as refused, with its sizes;
+3. d = A - B per unit; per cluster (model, data set, cluster: a concept, a dataset, a relation/answer; the same at
+   every layer), d is averaged over the cluster's units and the layers in scope, so a concept counts once per model;
+4. the mean of the cluster differences gets a 95% percentile-bootstrap interval over clusters and a two-sided
+   sign-flip permutation p-value over clusters; per-layer, per-data-set and per-model means are kept beside it;
+5. power: the smallest p a sign-flip test over n clusters can reach is 2 / 2^n (1 / (n_perm + 1) when sampled);
+   where m x that is not below alpha (m = the family's tests), the test cannot pass and its verdict is
+   `underpowered (n = ...)`; it is left out of the family's Holm correction (decided from n alone, never from data);
+6. Holm within each family: the suite's declared primary family (EP vs each primary baseline at matched K, per
+   percentile and pooled over percentiles) and the exploratory rest; `better` / `worse` (in the metric's own
    direction) when the adjusted p < alpha, else `no detectable difference`.
-
-Comparisons (`plan_comparisons`): every EP percentile vs every SAE (converged, matched width, matched tokens),
-EP vs k-means at EP's K (else the suite's k-means, budget flagged), every method vs the random control at its
-own K (else the suite's random, flagged: best-of-K selection favours a larger K by chance alone), and, for the
-causal metrics, every method vs its built-in same-norm random direction. The steering delta is compared with that
-control only: each method steers at the strength it chose on train prompts, so two methods' steering deltas come
-from unlike strengths (and unlike KL); the control shares its method's strength.
 """
 
 from __future__ import annotations
@@ -33,32 +33,56 @@ from typing import Any, Iterable, NamedTuple
 import numpy as np
 import pandas as pd
 
-# metric -> +1 when higher is better, -1 when lower is better (the causal deltas: more negative = moved more)
-HEADLINE_METRICS: dict[str, int] = {
+from bench.suites import MetricPair, VerdictPlan
+
+# metric -> +1 when higher is better, -1 when lower is better (causal deltas: more negative = moved more). Looked
+# up strictly, so a metric compared without a direction fails instead of being read the wrong way round.
+METRIC_DIRECTION: dict[str, int] = {
     "detection.auroc": +1,
+    "detection.auroc.region_mean": +1,
+    "detection.auroc_best_latent": +1,
+    "detection.auroc_best_latent.region_mean": +1,
     "detection.auroc_hard": +1,
     "retrieval.precision@10": +1,
     "probing.onehot_retention": +1,
+    "probing.onehot_retention_norm": +1,
+    "probing.onehot_retention_top1": +1,
+    "sparse_probing.acc@1": +1,
+    "sparse_probing.acc@5": +1,
     "causal.ablate.delta_logit_diff": -1,
+    "causal.steer.delta_logit_diff": -1,
+    "causal.ablate.delta_at_kl": -1,
+    "causal.steer.delta_at_kl": -1,
+    "ground_truth.mcc": +1,
+    "ground_truth.f1": +1,
 }
-# causal metric -> the same-norm random-direction control measured on the same prompts by the same artefact
+# exploratory metrics compared between every method and its matched random control (the primary ones come from the
+# suite's VerdictPlan)
+SECONDARY_METRICS = ("detection.auroc", "detection.auroc_best_latent", "detection.auroc_hard",
+                     "retrieval.precision@10", "probing.onehot_retention_norm", "sparse_probing.acc@1",
+                     "causal.ablate.delta_logit_diff", "ground_truth.mcc", "ground_truth.f1")
+# causal metric -> the control measured on the same prompts by the same artefact: random directions of the artefact's
+# K, one selected per answer by the same train-prompt rule (metrics.causal)
 CONTROL_OF: dict[str, str] = {
     "causal.ablate.delta_logit_diff": "causal.ablate.control_delta",
     "causal.steer.delta_logit_diff": "causal.steer.control_delta",
+    "causal.ablate.delta_at_kl": "causal.ablate.control_delta_at_kl",
+    "causal.steer.delta_at_kl": "causal.steer.control_delta_at_kl",
 }
-# every metric a verdict is computed on -> +1 when higher is better, -1 when lower is better; looked up strictly, so
-# a metric added to the table without a direction fails instead of being read the wrong way round
-METRIC_DIRECTION: dict[str, int] = {**HEADLINE_METRICS, "causal.steer.delta_logit_diff": -1}
-CONTROL = "same-norm random direction"
+HEADLINE_METRICS: dict[str, int] = {m: METRIC_DIRECTION[m] for m in SECONDARY_METRICS}  # report tables and plots
+CONTROL = "selected random control"
 EV_FLOOR = 0.7  # a trained SAE with held-out explained variance below this is marked "undertrained" everywhere
-VERDICTS = ("better", "worse", "no detectable difference")
+BETTER, WORSE, NDD, UNDERPOWERED, TOO_FEW = ("better", "worse", "no detectable difference", "underpowered",
+                                              "too few units")
+VERDICTS = (BETTER, WORSE, NDD)
+PRIMARY, EXPLORATORY = "primary", "exploratory"
 
 
 @dataclass
 class VerdictConfig:
-    """How verdicts are computed."""
+    """How verdicts are computed (the family structure and K tolerance come from the suite's VerdictPlan)."""
 
-    alpha: float = 0.05  # family-wise error rate of one table (Holm)
+    alpha: float = 0.05  # family-wise error rate of one family (Holm)
     n_boot: int = 2000  # bootstrap resamples of clusters for the interval
     n_perm: int = 200_000  # sign-flip permutations for the p-value (exact enumeration when 2^n is smaller); the
     # smallest p it can show is 1/(n_perm + 1), which Holm multiplies by the number of tests: keep it well below alpha
@@ -67,28 +91,39 @@ class VerdictConfig:
 
 
 class PairedResult(NamedTuple):
-    n: int  # paired clusters
+    n: int  # paired clusters (independent units)
     mean_a: float
     mean_b: float
     diff: float  # mean over clusters of (A - B)
     ci_low: float
     ci_high: float
-    p: float  # two-sided sign-flip permutation p-value (unadjusted)
+    p: float  # two-sided sign-flip permutation p-value over clusters (unadjusted)
+    n_units: int = 0  # paired units (prompts, concepts) inside the clusters, summed over layers
+    by_layer: dict[str, float] | None = None  # "L8" -> mean paired difference at that layer (unadjusted)
+    by_setting: dict[str, float] | None = None  # data set -> mean paired difference
+    by_model: dict[str, float] | None = None  # model -> mean paired difference
 
 
 @dataclass
 class Comparison:
-    """A vs B on one metric: who, why (kind), and the budgets of both (so unlike budgets are never silent)."""
+    """A vs B on one metric: who, why (kind), the family, and both budgets (so unlike budgets are never silent).
+
+    `pairs` makes a pooled row: per cluster, the mean over the listed (A, B) pairs of their paired differences
+    (EP pooled over percentiles against the baseline matched to each percentile)."""
 
     a: str
     b: str  # a method label, or CONTROL
-    kind: str  # e.g. "EP vs SAE", "vs random at matched K"
+    kind: str  # e.g. "EP vs SAE at matched K"
     metric: str
-    metric_b: str = ""  # B's metric when it differs from A's (e.g. EP's detection.auroc vs SAE-A's best latent)
+    metric_b: str = ""  # B's metric when it differs (e.g. EP's region-mean AUROC vs the SAE's AUROC, same rule)
+    name: str = ""  # the quantity as printed (VerdictPlan's MetricPair.name), default the metric
+    setting: str = ""  # only units whose setting contains this token (e.g. "kl=0.1")
+    family: str = EXPLORATORY
     budget_a: str = ""
     budget_b: str = ""
-    note: str = ""  # e.g. "K differs: 545 vs 512"
+    note: str = ""  # e.g. the layers refused for unlike K
     layers: list[int] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -98,7 +133,7 @@ class Verdict:
     comparison: Comparison
     result: PairedResult | None
     p_holm: float = float("nan")
-    verdict: str = "too few units"
+    verdict: str = TOO_FEW
 
     def to_dict(self) -> dict[str, Any]:
         d = {**asdict(self.comparison), "p_holm": self.p_holm, "verdict": self.verdict}
@@ -106,35 +141,57 @@ class Verdict:
         return d
 
 
+class Refused(NamedTuple):
+    """A comparison that was not made, and why (e.g. dictionary sizes outside the tolerance at every layer)."""
+
+    a: str
+    b: str
+    metric: str
+    reason: str
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 
 
-def _setting(detail: str) -> str:
-    return str(detail).split(";")[0].strip()
+def setting_of(detail: str) -> str:
+    """The data set a row was measured on (the first `;` token of its detail) plus the sweep point tokens that make
+    rows of one metric distinct (`kl=`, `alpha=`, `scale=`), so those never pair with each other."""
+    parts = [x.strip() for x in str(detail).split(";")]
+    sweep = [x for x in parts[1:] if x.startswith(("kl=", "alpha=", "scale="))]
+    return "; ".join([parts[0]] + sweep)
 
 
 def load_cells(run_dir: Path) -> list[dict[str, Any]]:
-    """Every finished cell record of a run (a damaged file is named, not skipped silently)."""
+    """Every finished cell record of a run, each checked against its checksum (a damaged or unreadable file is
+    named, never skipped silently)."""
+    from bench.cells import cell_problem
+
     out = []
     for p in sorted((Path(run_dir) / "cells").glob("*.json")):
         try:
-            out.append(json.loads(p.read_text()))
+            rec = json.loads(p.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{p}: unreadable cell file ({e}); delete it and rerun the suite to recompute it") from e
+        problem = cell_problem(rec)
+        if problem:
+            raise ValueError(f"{p} {problem}; rerun the suite (the same command) to recompute it")
+        out.append(rec)
     return out
 
 
 def unit_table(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Long table of per-unit values: model, layer, method, family, metric, setting, seed, unit, value."""
+    """Long table of per-unit values: model, layer, method, family, metric, setting, seed, unit, cluster, value."""
     recs = []
     for c in cells:
         fam = c.get("method_family", "")
         for r in c.get("rows", []):
+            clusters = r.get("clusters") or {}
+            setting = setting_of(r["detail"])
             for unit, v in (r.get("units") or {}).items():
-                recs.append((r["model"], int(r["layer"]), r["method"], fam, r["metric"], _setting(r["detail"]),
-                             int(r["seed"]), unit, float(v)))
-    cols = ["model", "layer", "method", "family", "metric", "setting", "seed", "unit", "value"]
+                recs.append((r["model"], int(r["layer"]), r["method"], fam, r["metric"], setting, int(r["seed"]),
+                             unit, clusters.get(unit, unit), float(v)))
+    cols = ["model", "layer", "method", "family", "metric", "setting", "seed", "unit", "cluster", "value"]
     return pd.DataFrame.from_records(recs, columns=cols)
 
 
@@ -154,12 +211,31 @@ def artefact_table(cells: Iterable[dict[str, Any]], per_seed: bool = False) -> p
     return df
 
 
+def plan_of(run_dir: Path | None, cells: list[dict[str, Any]] | None = None) -> VerdictPlan:
+    """The suite's VerdictPlan as recorded in run.json (the default plan for runs that recorded none)."""
+    cfg: dict[str, Any] = {}
+    if run_dir is not None and (Path(run_dir) / "run.json").exists():
+        try:
+            cfg = (json.loads((Path(run_dir) / "run.json").read_text()).get("config") or {}).get("verdicts") or {}
+        except (OSError, ValueError, AttributeError):
+            cfg = {}
+    if not cfg:
+        return VerdictPlan()
+    metrics = [MetricPair(**m) for m in cfg.get("primary_metrics", [])]
+    return VerdictPlan(**{**cfg, "primary_metrics": metrics})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Statistics
 
 
+def min_p(n: int, cfg: VerdictConfig) -> float:
+    """The smallest two-sided p-value the sign-flip test can give over n clusters."""
+    return 2.0 / 2 ** n if 2 ** n <= cfg.n_perm else 1.0 / (cfg.n_perm + 1)
+
+
 def paired_test(diffs: np.ndarray, mean_a: float, mean_b: float, cfg: VerdictConfig) -> PairedResult:
-    """Mean paired difference with a bootstrap CI over units and a two-sided sign-flip permutation p-value."""
+    """Mean paired difference with a bootstrap CI over clusters and a two-sided sign-flip permutation p-value."""
     d = np.asarray(diffs, dtype=float)
     n = len(d)
     rng = np.random.default_rng(cfg.seed)
@@ -176,7 +252,7 @@ def paired_test(diffs: np.ndarray, mean_a: float, mean_b: float, cfg: VerdictCon
             signs = rng.integers(0, 2, size=(m, n), dtype=np.int8).astype(np.float64) * 2 - 1
             hits += int((np.abs(signs @ d) / n >= obs - 1e-12).sum())
         p = (hits + 1) / (cfg.n_perm + 1)
-    return PairedResult(n, float(mean_a), float(mean_b), float(d.mean()), float(lo), float(hi), float(p))
+    return PairedResult(n, float(mean_a), float(mean_b), float(d.mean()), float(lo), float(hi), float(p), n)
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -192,40 +268,72 @@ def holm(pvalues: list[float]) -> list[float]:
 
 
 def _seed_mean(u: pd.DataFrame) -> pd.DataFrame:
-    return u.groupby(["model", "layer", "method", "metric", "setting", "unit"], as_index=False)["value"].mean()
+    keys = ["model", "layer", "method", "metric", "setting", "unit", "cluster"]
+    return u.groupby(keys, as_index=False)["value"].mean()
+
+
+def _sides(units: pd.DataFrame, a: str, b: str, metric: str, metric_b: str, setting: str) -> pd.DataFrame:
+    """Per (model, layer, setting, unit) the seed-averaged values of both sides, joined, with d = A - B."""
+    u = units[units["setting"].map(lambda x: setting in x.split("; "))] if setting else units
+    va = _seed_mean(u[(u["method"] == a) & (u["metric"] == metric)])
+    if b == CONTROL:
+        vb = _seed_mean(u[(u["method"] == a) & (u["metric"] == CONTROL_OF[metric])])
+    else:
+        vb = _seed_mean(u[(u["method"] == b) & (u["metric"] == (metric_b or metric))])
+    j = va.merge(vb.drop(columns=["cluster"]), on=["model", "layer", "setting", "unit"], suffixes=("_a", "_b"))
+    j["d"] = j["value_a"] - j["value_b"]
+    j["base"] = j["setting"].str.split(";").str[0].str.strip()
+    return j
 
 
 def compare(units: pd.DataFrame, comp: Comparison, cfg: VerdictConfig, layers: list[int] | None = None
             ) -> PairedResult | None:
-    """The paired test of one comparison over the layers in scope (None: too few shared units)."""
+    """The clustered paired test of one comparison over the layers in scope (None: too few shared clusters)."""
+    layers = layers if layers is not None else (comp.layers or None)
     u = units[units["layer"].isin(layers)] if layers is not None else units
-    a = _seed_mean(u[(u["method"] == comp.a) & (u["metric"] == comp.metric)])
-    if comp.b == CONTROL:
-        b = _seed_mean(u[(u["method"] == comp.a) & (u["metric"] == CONTROL_OF[comp.metric])])
-    else:
-        b = _seed_mean(u[(u["method"] == comp.b) & (u["metric"] == (comp.metric_b or comp.metric))])
-    keys = ["model", "layer", "setting", "unit"]
-    j = a.merge(b, on=keys, suffixes=("_a", "_b"))
+    pairs = comp.pairs or [(comp.a, comp.b)]
+    parts = [_sides(u, a, b, comp.metric, comp.metric_b, comp.setting).assign(pair=i) for i, (a, b) in
+             enumerate(pairs)]
+    j = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if j.empty:
         return None
-    j["d"] = j["value_a"] - j["value_b"]
-    clusters = j.groupby(["model", "setting", "unit"])[["d", "value_a", "value_b"]].mean()
+    ckey = ["model", "base", "cluster"]
+    # per pair and cluster first, then over pairs: a pooled row weighs each percentile equally within a cluster
+    per_pair = j.groupby(ckey + ["pair"])[["d", "value_a", "value_b"]].mean()
+    clusters = per_pair.groupby(level=ckey).mean()
     if len(clusters) < cfg.min_units:
         return None
-    return paired_test(clusters["d"].to_numpy(), clusters["value_a"].mean(), clusters["value_b"].mean(), cfg)
+    r = paired_test(clusters["d"].to_numpy(), clusters["value_a"].mean(), clusters["value_b"].mean(), cfg)
+
+    def breakdown(key: str, fmt: str) -> dict[str, float]:
+        g = j.groupby(list(dict.fromkeys(ckey + [key])))["d"].mean().groupby(level=key).mean()
+        return {fmt.format(k): float(v) for k, v in g.items()}
+
+    if j["model"].nunique() > 1:  # layers of different models are different places: name both
+        j["layer"] = j["model"] + " L" + j["layer"].astype(str)
+    return r._replace(n_units=len(j), by_layer=breakdown("layer", "{}" if j["model"].nunique() > 1 else "L{}"),
+                      by_setting=breakdown("base", "{}"), by_model=breakdown("model", "{}"))
 
 
 def decide(results: list[PairedResult | None], comps: list[Comparison], cfg: VerdictConfig) -> list[Verdict]:
-    """Holm over one table, then the verdict word in each metric's direction."""
-    adj = holm([r.p if r is not None else float("nan") for r in results])
-    out = []
-    for comp, r, p in zip(comps, results, adj):
-        if r is None:
-            out.append(Verdict(comp, None))
-            continue
-        sign = METRIC_DIRECTION[comp.metric]
-        word = VERDICTS[2] if not p < cfg.alpha else (VERDICTS[0] if sign * r.diff > 0 else VERDICTS[1])
-        out.append(Verdict(comp, r, p, word))
+    """Per family: drop the tests that cannot pass at their n (underpowered), Holm over the rest, verdict words."""
+    out = [Verdict(c, r) for c, r in zip(comps, results)]
+    for family in dict.fromkeys(c.family for c in comps):
+        idx = [i for i, c in enumerate(comps) if c.family == family and results[i] is not None]
+        # the family size and the underpowered set depend on each other (and on n only): shrink to a fixed point
+        while True:
+            m = len(idx)
+            weak = [i for i in idx if m * min_p(results[i].n, cfg) >= cfg.alpha]
+            if not weak:
+                break
+            for i in weak:
+                out[i].verdict = f"{UNDERPOWERED} (n = {results[i].n})"
+            idx = [i for i in idx if i not in weak]
+        adj = holm([results[i].p for i in idx])
+        for i, p in zip(idx, adj):
+            r, sign = results[i], METRIC_DIRECTION[comps[i].metric]
+            out[i].p_holm = p
+            out[i].verdict = NDD if not p < cfg.alpha else (BETTER if sign * r.diff > 0 else WORSE)
     return out
 
 
@@ -233,92 +341,155 @@ def decide(results: list[PairedResult | None], comps: list[Comparison], cfg: Ver
 # What to compare
 
 
-def _budget(arts: pd.DataFrame, label: str) -> str:
+def _fmt_range(xs: list[int]) -> str:
+    xs = sorted(set(xs))
+    return f"{xs[0]:,}" if len(xs) == 1 else f"{xs[0]:,}-{xs[-1]:,}"
+
+
+def budget(arts: pd.DataFrame, label: str) -> str:
+    """What an artefact was really fitted on: K, the rows its fit read (k-means: training rows, not the centre's
+    calibration read), and the tokens behind them; ranges over layers."""
     a = arts[arts["method"] == label]
     if a.empty:
         return ""
-    Ks = sorted({int(k) for k in a["K"]})
-    toks = sorted({int(t) for t in a["tokens"]})
-    fmt = lambda xs: f"{xs[0]:,}" if len(xs) == 1 else f"{xs[0]:,}-{xs[-1]:,}"  # noqa: E731
-    return f"K {fmt(Ks)}; {fmt(toks)} tokens"
+    fit = a["fit_rows"] if "fit_rows" in a else pd.Series(np.nan, index=a.index)
+    rows = fit.fillna(a["rows"]) if "rows" in a else fit
+    text = f"K {_fmt_range([int(k) for k in a['K']])}"
+    return text + (f"; fitted on {_fmt_range([int(r) for r in rows])} rows" if rows.notna().all() else "")
 
 
-def _size_note(arts: pd.DataFrame, a: str, b: str) -> str:
-    ka = sorted({int(k) for k in arts.loc[arts["method"] == a, "K"]})
-    kb = sorted({int(k) for k in arts.loc[arts["method"] == b, "K"]})
-    return "" if ka == kb else f"K differs ({'/'.join(map(str, ka))} vs {'/'.join(map(str, kb))})"
+def matched_layers(arts: pd.DataFrame, a: str, b: str, tol: float) -> tuple[list[int], list[str]]:
+    """Layers (per model) where B's K is within `tol` of A's, and a note per refused layer with both sizes."""
+    ka = arts[arts["method"] == a].groupby(["model", "layer"])["K"].first()
+    kb = arts[arts["method"] == b].groupby(["model", "layer"])["K"].first()
+    ok, refused = set(), []
+    for key in sorted(set(ka.index) & set(kb.index)):
+        if abs(kb[key] / ka[key] - 1) <= tol + 1e-12:
+            ok.add(int(key[1]))
+        else:
+            refused.append(f"L{key[1]}: K {int(ka[key]):,} vs {int(kb[key]):,}")
+    return sorted(ok), refused
 
 
-def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str]) -> list[Comparison]:
-    """The comparisons the issue asks for, from the artefacts a run built (see the module docstring)."""
+def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str], plan: VerdictPlan | None = None
+                     ) -> list[Comparison]:
+    """The primary family from the plan, and the exploratory comparisons (see the module docstring)."""
+    plan = plan or VerdictPlan()
     if arts.empty:
         return []
-    fam = arts.drop_duplicates("method").set_index("method")["family"].to_dict()
-    matched = {m: (t["artefact"], t["kind"]) for m, t in
-               arts.drop_duplicates("method").set_index("method")["matched_to"].dropna().items()}
+    present = set(metrics)
+    first = arts.drop_duplicates("method").set_index("method")
+    fam = first["family"].to_dict()
+    matched = {m: (t["artefact"], t["kind"]) for m, t in first["matched_to"].dropna().items()}
     labels = list(fam)
-    eps = [m for m in labels if fam[m] == "ep"]
-    plain = lambda f: [m for m in labels if fam[m] == f and m not in matched]  # noqa: E731
-    at_k = lambda f, t: [m for m in labels if fam[m] == f and matched.get(m) == (t, "K")]  # noqa: E731
-    pairs: list[tuple[str, str, str]] = []
+    eps = sorted((m for m in labels if fam[m] == "ep" and m not in matched), key=lambda m: _p_of_label(m))
+    out: list[Comparison] = []
+    # primary: EP at each p vs each primary baseline built at that EP artefact's K, and pooled over p
+    for spec in plan.primary_baselines:
+        targets = [(e, f"{spec}({e})") for e in eps if f"{spec}({e})" in fam]
+        for mp in plan.primary_metrics:
+            if mp.metric not in present:
+                continue
+            kind = f"EP vs {spec} at matched K"
+            for e, b in targets:
+                out.append(Comparison(e, b, kind, mp.metric, mp.metric_b, mp.name, mp.setting, PRIMARY))
+            if plan.pool_over_p and len(targets) > 1:
+                out.append(Comparison("EP (pooled over p)", f"{spec} (pooled)", kind, mp.metric, mp.metric_b,
+                                      mp.name, mp.setting, PRIMARY, pairs=targets))
+    # exploratory: EP vs the suite's other SAEs and k-means (refused unless K matches), every method vs the random
+    # directions of its own K (selected by the same rule), causal effects vs their selected random control
+    primary_b = {c.b for c in out}
+    # a dose-response metric is compared with its control at the dose the plan fixed (default 0.1 nat of KL)
+    dose = {x: "kl=0.1" for x in CONTROL_OF if x.endswith("_at_kl")}
+    dose.update({mp.metric: mp.setting for mp in plan.primary_metrics if mp.metric in dose and mp.setting})
     for e in eps:
-        saes = plain("sae") + [m for m in labels if fam[m] == "sae" and matched.get(m, ("",))[0] == e]
-        pairs += [(e, s, "EP vs SAE") for s in saes]
-        pairs += [(e, k, "EP vs k-means at matched K") for k in at_k("kmeans", e)]
-        pairs += [(e, k, "EP vs k-means") for k in ([] if at_k("kmeans", e) else plain("kmeans"))]
+        for m in labels:
+            if fam[m] in ("sae", "kmeans") and m not in primary_b and matched.get(m, (e, "K"))[0] == e:
+                out += [Comparison(e, m, f"EP vs {fam[m]}", x, family=EXPLORATORY) for x in SECONDARY_METRICS
+                        if x in present]
     for m in labels:
-        if fam[m] == "random" or fam[m] == "diffmean":
-            continue
-        # the random control of m's size: matched to m, or to the artefact m itself copies K from
-        same_k = at_k("random", m) + (at_k("random", matched[m][0]) if matched.get(m, ("", ""))[1] == "K" else [])
-        pairs += [(m, r, "vs random at matched K") for r in same_k]
-        pairs += [(m, r, "vs random") for r in ([] if same_k else plain("random"))]
-    out = []
-    for metric in metrics:
-        for a, b, kind in (pairs if metric in HEADLINE_METRICS else []):  # steering: vs its control only
-            out.append(Comparison(a, b, kind, metric, budget_a=_budget(arts, a), budget_b=_budget(arts, b),
-                                  note=_size_note(arts, a, b)))
-        if metric in CONTROL_OF:
-            out += [Comparison(m, CONTROL, "vs same-norm control", metric, budget_a=_budget(arts, m),
-                               budget_b="same artefact, random unit direction of equal norm")
-                    for m in labels if fam[m] != "diffmean"]
+        if fam[m] not in ("random", "diffmean"):
+            # the random directions of m's K: matched to m, or to the artefact whose K m itself copies
+            size_of = [m] + ([matched[m][0]] if matched.get(m, ("", ""))[1] == "K" else [])
+            rnd = [r for r in labels if fam[r] == "random" and matched.get(r, ("", ""))[0] in size_of
+                   and matched[r][1] == "K"]
+            out += [Comparison(m, r, "vs random directions at its K", x) for r in rnd for x in SECONDARY_METRICS
+                    if x in present and not x.startswith("causal.")]
+        out += [Comparison(m, CONTROL, "vs selected random control", x, setting=dose.get(x, "")) for x in CONTROL_OF
+                if x in present]
+    for c in out:
+        c.budget_a = "; ".join(budget(arts, a) for a, _ in c.pairs[:1]) if c.pairs else budget(arts, c.a)
+        c.budget_b = ("random directions of the artefact's K, selected on the same train prompts" if c.b == CONTROL
+                      else "; ".join(budget(arts, b) for _, b in c.pairs[:1]) if c.pairs else budget(arts, c.b))
     return out
 
 
-def verdict_table(run_dir: Path, cfg: VerdictConfig | None = None,
-                  cells: list[dict[str, Any]] | None = None) -> list[Verdict]:
-    """Every planned comparison on every headline metric, pooled over the layers both sides were measured at
-    (`cells`: the run's cell records when the caller has loaded them already)."""
-    cfg = cfg or VerdictConfig()
+def _p_of_label(label: str) -> float:
+    try:
+        return float(label.split("p=")[1].split(")")[0].split(",")[0])
+    except (IndexError, ValueError):
+        return float("inf")
+
+
+class VerdictTable(NamedTuple):
+    verdicts: list[Verdict]
+    refused: list[Refused]
+
+
+def verdict_table(run_dir: Path | None, cfg: VerdictConfig | None = None,
+                  cells: list[dict[str, Any]] | None = None, plan: VerdictPlan | None = None) -> list[Verdict]:
+    """Every planned comparison, pooled over the layers at which both sides were measured at matched K."""
+    return verdicts_and_refusals(run_dir, cfg, cells, plan).verdicts
+
+
+def verdicts_and_refusals(run_dir: Path | None, cfg: VerdictConfig | None = None,
+                          cells: list[dict[str, Any]] | None = None, plan: VerdictPlan | None = None
+                          ) -> VerdictTable:
+    """The verdicts and the comparisons refused for unlike dictionary sizes (`cells`: the run's records when the
+    caller has loaded them; `plan`: the suite's VerdictPlan, default the one in run.json)."""
+    plan = plan or plan_of(run_dir)
+    cfg = cfg or VerdictConfig(alpha=plan.alpha)
     cells = load_cells(run_dir) if cells is None else cells
     units, arts = unit_table(cells), artefact_table(cells)
     if units.empty or arts.empty:
-        return []
-    present = set(units["metric"])
-    metrics = [m for m in HEADLINE_METRICS if m in present] + [m for m in CONTROL_OF if m in present
-                                                               and m not in HEADLINE_METRICS]
-    comps: list[Comparison] = []
-    results: list[PairedResult | None] = []
-    for comp in plan_comparisons(arts, metrics):
-        layers = _layers(units, comp)
+        return VerdictTable([], [])
+    comps, results, refused = [], [], []
+    for comp in plan_comparisons(arts, set(units["metric"]), plan):
+        layers, notes = _scope(units, arts, comp, plan.k_tolerance)
         if not layers:
-            continue  # the pair was never measured on this metric (e.g. causal on a few artefacts only)
-        comps.append(Comparison(**{**asdict(comp), "layers": layers}))
+            if notes:
+                refused.append(Refused(comp.a, comp.b, comp.metric, "K outside the tolerance at every layer ("
+                                       + "; ".join(notes) + ")"))
+            continue  # never measured together on this metric (e.g. causal on a few artefacts only)
+        comp.layers = layers
+        comp.note = ("layers refused for unlike K: " + "; ".join(notes)) if notes else ""
+        comps.append(comp)
         results.append(compare(units, comp, cfg))
-    return decide(results, comps, cfg)
+    return VerdictTable(decide(results, comps, cfg), refused)
 
 
-def _layers(units: pd.DataFrame, comp: Comparison) -> list[int]:
-    """Layers at which both sides were measured (a control is measured with its artefact)."""
+def _scope(units: pd.DataFrame, arts: pd.DataFrame, comp: Comparison, tol: float) -> tuple[list[int], list[str]]:
+    """Layers at which both sides were measured on the metric and, for two dictionaries, are at matched K."""
+    pairs = comp.pairs or [(comp.a, comp.b)]
     m = units[units["metric"] == comp.metric]
-    la = set(m.loc[m["method"] == comp.a, "layer"])
-    lb = la if comp.b == CONTROL else set(m.loc[m["method"] == comp.b, "layer"])
-    return sorted(int(x) for x in la & lb)
+    mb = units[units["metric"] == (comp.metric_b or comp.metric)]
+    layers: set[int] | None = None
+    notes: list[str] = []
+    for a, b in pairs:
+        la = set(m.loc[m["method"] == a, "layer"])
+        lb = la if b == CONTROL else set(mb.loc[mb["method"] == b, "layer"])
+        common = la & lb
+        if b != CONTROL:
+            ok, refused = matched_layers(arts, a, b, tol)
+            notes += [f"{a} vs {b} {r}" if comp.pairs else r for r in refused if int(r[1:].split(":")[0]) in common]
+            common &= set(ok)
+        layers = common if layers is None else layers | common
+    return sorted(int(x) for x in (layers or set())), notes
 
 
 def seed_spread(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Per (method, layer, metric, setting) with >= 2 fit seeds: seeds, mean, std and range across seeds."""
-    recs = [(r["method"], int(r["layer"]), r["metric"], _setting(r["detail"]), int(r["seed"]), float(r["value"]))
+    recs = [(r["method"], int(r["layer"]), r["metric"], setting_of(r["detail"]), int(r["seed"]), float(r["value"]))
             for c in cells for r in c.get("rows", [])]
     df = pd.DataFrame.from_records(recs, columns=["method", "layer", "metric", "setting", "seed", "value"])
     if df.empty:

@@ -100,6 +100,9 @@ class EPConfig(MethodConfig):
 
 
 def _device(cfg: EPConfig) -> torch.device:
+    """The configured device (default CUDA when present); one a CPU-only torch cannot use is refused in one line."""
+    if cfg.device and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"ep: device={cfg.device!r}, but torch {torch.__version__} sees no GPU; use device=cpu")
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -481,13 +484,16 @@ class _Builder:
         K_start = self.K
         region = torch.empty(n, dtype=torch.long, device=self.dev)
         dist = torch.empty(n, dtype=self.dt, device=self.dev)
-        if self.K == 0:
+        seeded = self.K == 0
+        if seeded:
             self._reserve(1)
             self._new_regions(u_ND[:1])  # the very first row seeds region 0 before matching
         K0 = self.K
         best, idx = nearest(u_ND, self.E[:K0], self.cfg.chunk_rows)  # exemplars existing at batch start
         self.flops += 2.0 * n * K0 * d
         dmatch = cosine_distance(best)
+        if seeded:  # the seed is region 0's own exemplar: distance 0, whatever rounding gives (theta can be 0)
+            dmatch[0], idx[0] = 0.0, 0
         matched = dmatch <= self.theta
         region[matched], dist[matched] = idx[matched], dmatch[matched]
         unmatched = torch.nonzero(~matched)[:, 0]

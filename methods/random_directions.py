@@ -24,8 +24,9 @@ class RandomConfig(MethodConfig):
     """Seeded random unit directions about the stream mean."""
 
     k: int = 1024  # number of directions
-    seed: int = 0  # generator seed, mixed with the layer: same seed, layer, k and d give the same directions on
-    # every machine, and each layer gets its own draw (so cross-layer stability of the control is chance level)
+    seed: int = 0  # generator seed, mixed with the layer and k: same seed, layer, k and d give the same directions on
+    # every machine; each layer gets its own draw (so cross-layer stability of the control is chance level) and so
+    # does each k (controls of different K are independent draws, not prefixes of one draw)
     n_rows: int | None = 200_000  # rows read for the mean; None reads the whole store
     batch_contexts: int = 128  # contexts per store batch
 
@@ -56,6 +57,11 @@ def random_unit_directions(k: int, d: int, seed: int) -> torch.Tensor:
     return (dirs / dirs.norm(dim=1, keepdim=True)).float()
 
 
+def draw_seed(seed: int, layer: int, k: int) -> int:
+    """The generator seed of one draw: distinct for every (seed, layer, k), portable (no Python hash)."""
+    return (seed * 1_000_003 + layer) * 1_000_033 + k
+
+
 class RandomDirections(Method):
     """Seeded random directions; reads the stream only for its mean (the ablation pivot)."""
 
@@ -81,7 +87,7 @@ class RandomDirections(Method):
                     break
             if n == 0:
                 raise ValueError(f"store {store.id} has no rows at layer {layer}; extract a non-empty corpus first")
-            dirs_KD = random_unit_directions(cfg.k, d, cfg.seed * 1_000_003 + layer)
+            dirs_KD = random_unit_directions(cfg.k, d, draw_seed(cfg.seed, layer, cfg.k))
         cost = meter.cost(n, tokens, flops=float(n * d + 3 * cfg.k * d))  # mean + draw and normalise
         info = base_info(store, layer, f"random:k={cfg.k}", cost, n_mean_rows=n)
         return RandomArtefact(cfg, {"directions": dirs_KD, "center": (sum_D / n).float()}, info)

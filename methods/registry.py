@@ -17,6 +17,7 @@ _BUILTIN: dict[str, str] = {
     "pca": "methods.pca:PCA",
     "random": "methods.random_directions:RandomDirections",
     "diffmean": "methods.diffmean:DiffMean",
+    "frozen_sae": "methods.frozen_decoder_sae:FrozenDecoderSAE",
 }
 _REGISTERED: dict[str, type[Method]] = {}
 

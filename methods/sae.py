@@ -19,6 +19,7 @@ JumpReLU) plus JSON info, and encodes with its own torch code, so reading a save
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -35,7 +36,10 @@ from methods.common import PeakMemory, stream_rows, tokens_behind
 if TYPE_CHECKING:
     from bench.store import ActivationStore
 
-TRAIN_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")  # what `architecture` may name (sae-lens training classes)
+TRAIN_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka")  # what `architecture` may name
+# sae-lens' training-class name of each (matryoshka: MatryoshkaBatchTopKTrainingSAE, saved as JumpReLU like batchtopk)
+SAE_LENS_TRAINING_NAMES = {"topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu",
+                           "matryoshka": "matryoshka_batchtopk"}
 ENCODE_ARCHITECTURES = ("jumprelu", "topk", "standard")  # inference forms the artefact can encode
 NORMALIZATIONS = ("none", "expected_average_only_in")
 
@@ -64,9 +68,10 @@ class SAEConfig(MethodConfig):
     allow_model_mismatch: bool = False  # accept an SAE of another model (Gemma Scope 2b-pt on 2b-it, as AxBench does)
     path: str | None = None  # a sae-lens SAE directory on disk (cfg.json + sae_weights.safetensors); `{layer}` filled
     # --- trained ---
-    architecture: str = "topk"  # topk | batchtopk (saved as JumpReLU) | jumprelu (quadratic L0 penalty around k)
+    architecture: str = "topk"  # topk | batchtopk, matryoshka (saved as JumpReLU) | jumprelu (L0 penalty around k)
     width: int = 4096  # number of latents K
-    k: int = 32  # active latents per row (topk), mean per row (batchtopk), target L0 (jumprelu)
+    k: int = 32  # active latents per row (topk), mean per row (batchtopk, matryoshka), target L0 (jumprelu)
+    matryoshka_widths: list[int] | None = None  # matryoshka: nested widths ending at width; None: width/16../2, width
     training_tokens: int = 2_000_000  # cap on rows trained on (the pool is looped over as often as needed)
     max_epochs: float | None = None  # cap on passes over the training pool (None: only training_tokens caps)
     converge_tol: float = 0.01  # stop once held-out NMSE improved by < this fraction over the last window; 0: cap
@@ -271,8 +276,8 @@ def resolve_pretrained(release: str, sae_id_template: str, layer: int) -> tuple[
         raise ValueError(f"unknown sae-lens release {release!r}; Gemma Scope releases: {', '.join(gemma)} "
                          f"({len(directory)} releases in sae-lens' pretrained_saes.yaml)")
     entry = directory[release]
-    if sae_id not in entry.saes_map:
-        here = sorted(i for i in entry.saes_map if i.startswith(f"layer_{layer}/"))
+    if sae_id not in entry.saes_map:  # Gemma Scope ids read layer_12/width_16k/..., Gemma Scope 2 layer_12_width_16k_...
+        here = sorted(i for i in entry.saes_map if i.startswith((f"layer_{layer}/", f"layer_{layer}_")))
         shown = here or sorted(entry.saes_map)[:20]
         raise ValueError(f"SAE id {sae_id!r} is not in release {release!r}; ids "
                          f"{'at layer ' + str(layer) if here else '(first 20)'}: {', '.join(shown)}")
@@ -303,8 +308,46 @@ def _check_match(store: "ActivationStore", layer: int, sae_model: str | None, sa
                          "the SAE belongs to another model or hook")
 
 
+@contextlib.contextmanager
+def _local_safetensors_shapes() -> Iterator[None]:
+    """While loading: sae-lens' tensor-shape probe answered from the local Hugging Face cache when the file is there.
+
+    sae-lens' Gemma Scope 2 loader (`gemma_3`) reads the shapes of params.safetensors by an HTTP range request on the
+    hub even when it has that file cached, so a cached SAE fails to load offline. For a cached file the same header
+    is read from the local copy (exactly what the range request fetches); any other file still goes to sae-lens'
+    own function, i.e. the hub, unless HF_HUB_OFFLINE is set, which then raises the hub client's own
+    "not in the local cache" error. The loader itself, its downloads and its weight conversion are sae-lens' own.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+    from safetensors import safe_open
+
+    original = loaders.get_safetensors_tensor_shapes
+
+    def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+        local = try_to_load_from_cache(repo_id, filename)
+        if isinstance(local, str):
+            with safe_open(local, "pt") as f:
+                return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        if constants.HF_HUB_OFFLINE:
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not in the local cache and HF_HUB_OFFLINE is set")
+        return original(repo_id, filename)
+
+    loaders.get_safetensors_tensor_shapes = shapes
+    try:
+        yield
+    finally:
+        loaders.get_safetensors_tensor_shapes = original
+
+
 def load_pretrained(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEArtefact:
-    """Load `cfg.release` / `cfg.sae_id` through sae-lens and wrap it, after checking it fits the store."""
+    """Load `cfg.release` / `cfg.sae_id` through sae-lens and wrap it, after checking it fits the store.
+
+    Gemma Scope 2 (e.g. release gemma-scope-2-270m-pt-res-all, sae_id layer_{layer}_width_16k_l0_small, for
+    gemma-3-270m) goes through sae-lens' `gemma_3` loader; its shape probe reads a cached file locally
+    (`_local_safetensors_shapes`), so a downloaded SAE also loads offline.
+    """
     from huggingface_hub.errors import LocalEntryNotFoundError
     from sae_lens import SAE
 
@@ -318,7 +361,8 @@ def load_pretrained(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAE
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
         try:
-            sae = SAE.from_pretrained(cfg.release, sae_id, device=device, dtype="float32")
+            with _local_safetensors_shapes():
+                sae = SAE.from_pretrained(cfg.release, sae_id, device=device, dtype="float32")
         except LocalEntryNotFoundError as e:
             raise RuntimeError(f"{what} is not in the local Hugging Face cache and the hub is unreachable or "
                                f"HF_HUB_OFFLINE=1 is set: unset HF_HUB_OFFLINE and check network/login "
@@ -356,10 +400,16 @@ def load_from_path(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(f"{path}/cfg.json is missing: --path must name a sae-lens SAE directory "
                                 "(cfg.json + sae_weights.safetensors, as `SAE.save_model` writes)")
+    _check_sae_dir(path)
     device = _device(cfg.device)
     t0 = time.perf_counter()
-    with PeakMemory(device) as mem:
-        sae = SAE.load_from_disk(path, device=device, dtype="float32")
+    try:
+        with PeakMemory(device) as mem:
+            sae = SAE.load_from_disk(path, device=device, dtype="float32")
+    except Exception as e:  # noqa: BLE001 - sae-lens' errors for a bad config are of every type: one line
+        raise ValueError(f"{path} is not a loadable sae-lens SAE ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]}); point --path at a folder written by sae-lens' "
+                         "SAE.save_model or `epbench export`") from None
     wall = time.perf_counter() - t0
     meta, what = sae.cfg.metadata, f"SAE at {path}"
     arch = _check_loaded(sae, store, layer, what, cfg.allow_model_mismatch)
@@ -372,6 +422,32 @@ def load_from_path(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
               "device": device},
     )
     return SAEArtefact(cfg, _tensors_of(sae, arch), info)
+
+
+def _check_sae_dir(path: Path) -> None:
+    """Refuse, before sae-lens reads anything, a cfg.json that is not a JSON object and a weights file that is not
+    safetensors (e.g. a pickle under that name: safetensors never unpickles, but its error is a traceback)."""
+    import json
+    import struct
+
+    try:
+        ok = isinstance(json.loads((path / "cfg.json").read_text()), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path / 'cfg.json'} is not a JSON object (a sae-lens SAE config); point --path at a "
+                         "folder written by sae-lens' SAE.save_model or `epbench export`")
+    weights = path / "sae_weights.safetensors"
+    try:
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            ok = 1 < n <= min(100_000_000, weights.stat().st_size - 8) and f.read(1) == b"{"
+    except OSError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{weights} is missing or not a safetensors file (a pickle or another format under that "
+                         "name is never loaded); save the SAE with sae-lens' SAE.save_model or `epbench export`")
 
 
 def _check_loaded(sae: Any, store: "ActivationStore", layer: int, what: str, allow_model_mismatch: bool) -> str:
@@ -506,12 +582,14 @@ def _training_sae(cfg: SAEConfig, d: int, device: str, store: "ActivationStore",
     from sae_lens.registry import get_sae_training_class
     from sae_lens.saes.sae import SAEMetadata
 
-    sae_cls, cfg_cls = get_sae_training_class(cfg.architecture)
+    sae_cls, cfg_cls = get_sae_training_class(SAE_LENS_TRAINING_NAMES[cfg.architecture])
     extra: dict[str, Any] = {}
     if cfg.architecture == "topk":
         extra = {"k": cfg.k}
     elif cfg.architecture == "batchtopk":
         extra = {"k": float(cfg.k)}
+    elif cfg.architecture == "matryoshka":
+        extra = {"k": float(cfg.k), "matryoshka_widths": matryoshka_widths(cfg)}
     elif cfg.architecture == "jumprelu":
         # The Gemma Scope 2 quadratic L0 penalty steers the mean L0 toward k, so k means the same for all three.
         extra = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(cfg.k),
@@ -520,6 +598,16 @@ def _training_sae(cfg: SAEConfig, d: int, device: str, store: "ActivationStore",
                       normalize_activations=cfg.normalize_activations,
                       metadata=SAEMetadata(model_name=store.model, hook_name=store.hook_name(layer)), **extra)
     return sae_cls(sae_cfg)
+
+
+def matryoshka_widths(cfg: SAEConfig) -> list[int]:
+    """The nested widths of a matryoshka SAE: the config's, or width/16, /8, /4, /2, width (doubling prefixes)."""
+    widths = list(cfg.matryoshka_widths) if cfg.matryoshka_widths else sorted(
+        {max(1, cfg.width // 2**i) for i in range(4, 0, -1)} | {cfg.width})
+    if widths[-1] != cfg.width or any(a >= b for a, b in zip(widths, widths[1:])) or widths[0] < 1:
+        raise ValueError(f"matryoshka_widths must increase strictly from >= 1 and end at width={cfg.width}, "
+                         f"got {widths}")
+    return widths
 
 
 def _to_inference(training_sae: Any) -> Any:
@@ -652,7 +740,7 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
             mean = split.train_mean.float().to(device)
             trainer.sae.b_dec.data.copy_(trainer.activation_scaler(mean[None])[0])
         min_steps = cfg.converge_min_steps
-        if cfg.architecture == "batchtopk":
+        if cfg.architecture in ("batchtopk", "matryoshka"):
             # The saved JumpReLU threshold is an EMA of the batch top-k threshold started at 0: its held-out NMSE
             # means little until ~3 EMA time constants (e^-3 = 5% of the start left) have passed.
             min_steps = max(min_steps, math.ceil(3 / trainer.sae.cfg.topk_threshold_lr))

@@ -3,7 +3,9 @@
 On one shared evaluation stream of inputs (token rows, or texts pooled by max over tokens), every feature's
 top-n set is the n inputs with the largest activation among those where it is > 0 (a sparse feature that fires
 on fewer than n inputs gets a smaller set; one that never fires gets an empty set). EP is read with its dense
-`signed` readout (the paper's choice); the reference (an SAE) with its default readout.
+`signed` readout (the paper's choice), as is k-means; random directions with their projection, the same readout: so
+random directions and k-means built at EP's K give the share a chance level to beat (the signed readout ranks
+high-norm tokens first, which alone makes unrelated top sets overlap). The reference (an SAE) uses its default.
 For a feature a of the artefact and b of the reference, F1(a, b) = 2 |A ∩ B| / (|A| + |B|); a's best match is
 the b with the largest F1. Rows (attributed to the artefact, reference named in `detail`; CI over features):
 - `correspondence.share_f1>0.5`: share of the artefact's non-empty features whose best F1 > 0.5 (paper: ~20% of
@@ -111,6 +113,12 @@ def best_f1(A: sp.csr_matrix, B: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]
     return best_a, best_b
 
 
+def _dense_signed(artefact: Artefact) -> str | None:
+    """The dense signed readout x_c . w where a partition offers one (EP, k-means: the paper's choice for EP, and the
+    same for the k-means null); None (the default) elsewhere: a random control's projection is that readout."""
+    return "signed" if artefact.method in ("ep", "kmeans") else None
+
+
 def correspondence_metrics(
     artefact: Artefact,
     reference: Artefact,
@@ -130,9 +138,8 @@ def correspondence_metrics(
     if artefact.d_model != reference.d_model:
         raise ValueError(f"{artefact.name} (d={artefact.d_model}) and {reference.name} (d={reference.d_model}) "
                          "read different activations; build both on the same model and hook")
-    readouts = [readout if readout is not None else ("signed" if artefact.method == "ep" else None),
-                reference_readout if reference_readout is not None else
-                ("signed" if reference.method == "ep" else None)]
+    readouts = [readout if readout is not None else _dense_signed(artefact),
+                reference_readout if reference_readout is not None else _dense_signed(reference)]
     tops = [RunningTopN(artefact.K, top_n), RunningTopN(reference.K, top_n)]
     n_inputs = 0
     for feats in _batches(inputs, unit, [artefact, reference], readouts):

@@ -6,8 +6,12 @@ the store). Per concept, on the test split:
   split by `metrics.feature_selection.select_features` (EP: the paper's mean-difference rule on `cosine`).
 - `detection.auroc_hard`: the same feature, positives vs `hard negative` examples. Concepts without hard
   negatives get NaN and are counted in the row's `detail`; the row is always emitted.
-- `detection.auroc_best_latent` (SAE-A style): per concept, the feature with the best TRAIN AUROC (positives vs
+- `detection.auroc_best_latent` (SAE-A's rule): per concept, the feature with the best TRAIN AUROC (positives vs
   negatives and hard negatives, the same contrast selection uses), evaluated by test AUROC positives vs negatives.
+- EP twice (the paper's revision: representative and rule are part of a detection result's identity): the rows
+  above read the regions' exemplars (`basis="exemplar"`); `detection.auroc.region_mean` and
+  `detection.auroc_best_latent.region_mean` read the region means (`basis="mean"`), each selected with the
+  representative it is then scored with (the contrast rule and SAE-A's rule respectively).
 Each row is the mean over concepts with a bootstrap CI over concepts. AUROC is rank-based with ties
 counted one half (the Mann-Whitney statistic), so binary readouts are scored exactly.
 """
@@ -77,8 +81,21 @@ def detection_metrics(
     pooled: PooledTexts | None = None,
     seed: int = 0,
 ) -> list[MetricRow]:
-    """`detection.auroc`, `detection.auroc_hard` and `detection.auroc_best_latent` rows (mean over concepts)."""
+    """`detection.auroc`, `detection.auroc_hard` and `detection.auroc_best_latent` rows (mean over concepts), and
+    for EP the same two rules on the region means (`*.region_mean`)."""
     readout = default_readout(artefact, readout)
+    rows = _detection_rows(artefact, concept_set, text_acts, readout, selected, pooled, seed, "")
+    if artefact.method == "ep":
+        mean = pooled_features(artefact, text_acts, None, readout, basis="mean")
+        rows += [r for r in _detection_rows(artefact, concept_set, text_acts, readout, None, mean, seed,
+                                            ".region_mean") if "auroc_hard" not in r.metric]
+    return rows
+
+
+def _detection_rows(artefact: Artefact, concept_set, text_acts: TextActivations, readout: str | None,
+                    selected: dict[str, int] | None, pooled: PooledTexts | None, seed: int, suffix: str
+                    ) -> list[MetricRow]:
+    """The three detection rows for one representative (`suffix` names it in the metric)."""
     if pooled is None:
         pooled = pooled_features(artefact, text_acts, None, readout)
     if selected is None:
@@ -102,11 +119,13 @@ def detection_metrics(
     n_no_hard = int(np.isnan(hard).sum())
     hard_detail = name + (f"; {n_no_hard} of {len(hard)} concepts have no test hard negatives (NaN, excluded "
                           "from the mean)" if n_no_hard else "")
-    rd = f"readout={readout or 'default'}"
+    rd = f"readout={readout or 'default'}" + (f"; basis={'mean' if suffix else 'exemplar'}"
+                                               if artefact.method == "ep" else "")
     return [
-        mean_row(artefact, "detection.auroc", easy, seed=seed, detail=f"{name}; {rd}", units=concept_set.concepts),
-        mean_row(artefact, "detection.auroc_hard", hard, seed=seed, detail=f"{hard_detail}; {rd}",
+        mean_row(artefact, f"detection.auroc{suffix}", easy, seed=seed, detail=f"{name}; {rd}; rule=contrast",
                  units=concept_set.concepts),
-        mean_row(artefact, "detection.auroc_best_latent", best, seed=seed,
-                 detail=f"{name}; {rd}; latent with best train AUROC", units=concept_set.concepts),
+        mean_row(artefact, "detection.auroc_hard", hard, seed=seed, detail=f"{hard_detail}; {rd}; rule=contrast",
+                 units=concept_set.concepts),
+        mean_row(artefact, f"detection.auroc_best_latent{suffix}", best, seed=seed,
+                 detail=f"{name}; {rd}; rule=SAE-A (latent with best train AUROC)", units=concept_set.concepts),
     ]

@@ -50,11 +50,14 @@ def default_readout(artefact: Artefact, readout: str | None = None) -> str | Non
     return "cosine" if artefact.method == "ep" else None
 
 
-def encode_chunks(artefact: Artefact, acts: torch.Tensor, readout: str | None, chunk_rows: int = CHUNK_ROWS):
-    """Yield (start, features [b, K]) over row chunks of acts [N, d]; encoding all rows at once can need GBs."""
+def encode_chunks(artefact: Artefact, acts: torch.Tensor, readout: str | None, chunk_rows: int = CHUNK_ROWS,
+                  basis: str | None = None):
+    """Yield (start, features [b, K]) over row chunks of acts [N, d]; encoding all rows at once can need GBs.
+    `basis` (EP: `exemplar` or `mean`, the region's representative) is passed to encode only when given."""
+    kw = {} if basis is None else {"basis": basis}
     with torch.no_grad():
         for s in range(0, acts.shape[0], chunk_rows):
-            yield s, artefact.encode(acts[s:s + chunk_rows], readout).float().cpu()
+            yield s, artefact.encode(acts[s:s + chunk_rows], readout, **kw).float().cpu()
 
 
 def pooled_features(
@@ -64,8 +67,10 @@ def pooled_features(
     readout: str | None = None,
     pool: str = "max",
     chunk_rows: int = CHUNK_ROWS,
+    basis: str | None = None,
 ) -> PooledTexts:
-    """Per-text pooled (max or mean over tokens) feature activations for `text_ids` (default: all texts)."""
+    """Per-text pooled (max or mean over tokens) feature activations for `text_ids` (default: all texts);
+    `basis` picks EP's representative (exemplar or region mean)."""
     if pool not in ("max", "mean"):
         raise ValueError(f"pool must be 'max' or 'mean', got {pool!r}")
     acts, tid = text_acts.acts, text_acts.text_ids.long()
@@ -83,12 +88,12 @@ def pooled_features(
     K = artefact.K
     if pool == "max":
         out = torch.full((len(wanted), K), float("-inf"))
-        for s, f in encode_chunks(artefact, acts, readout, chunk_rows):
+        for s, f in encode_chunks(artefact, acts, readout, chunk_rows, basis):
             idx = rows[s:s + f.shape[0]].view(-1, 1).expand_as(f)
             out.scatter_reduce_(0, idx, f, reduce="amax", include_self=True)
     else:
         out = torch.zeros((len(wanted), K))
-        for s, f in encode_chunks(artefact, acts, readout, chunk_rows):
+        for s, f in encode_chunks(artefact, acts, readout, chunk_rows, basis):
             out.index_add_(0, rows[s:s + f.shape[0]], f)
         out /= counts.to(out.dtype)[:, None]
     return PooledTexts(out, row_of, readout)

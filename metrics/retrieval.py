@@ -7,16 +7,18 @@ its test examples of every category (positives, negatives, hard negatives, one e
 feature `select_features` chose for c on the train split. precision@k = (# positives among the top k') / k'
 with k' = min(k, pool size). Ties straddling the cut are scored by their expectation under a random order
 (the tied block contributes its positive share times the places left), so a binary readout is not flattered
-by a lucky sort. The best achievable value is min(n_pos, k') / k'; its mean over concepts is in `detail`.
+by a lucky sort. The best achievable value is min(n_pos, k') / k'; its mean over concepts is `ceiling=` in
+`detail` (and the mean pool size `pool_texts=`).
 
 `retrieval.purity@k` (label-free, k = 10, 50): the text pool is every test text that is a positive of exactly
 one concept (its label). For each feature whose pooled activation is > 0 on at least k pool texts ("fires"),
 take its top k texts (ties at the cut broken by a seeded random order) and compute the share of them that
 carry the most common label among them. The value is the mean over firing features (bootstrap CI over
-features); features that fire on fewer than k texts are left out and counted in `detail`. Dense readouts
-(cosine, signed, PCA) are > 0 on most texts, so nearly every feature enters with its top k anyway; `detail`
-gives the firing count and the share of non-zero pooled entries so a dense readout is visible. Chance level
-is about the largest label share in the pool; the ceiling is min(n_label, k) / k.
+features); features that fire on fewer than k texts are left out and counted in `detail` (`firing=` of `K=`,
+on >= `min_texts=` of `n_texts=` pool texts). Dense readouts (cosine, signed, PCA) are > 0 on most texts, so
+nearly every feature enters with its top k anyway; `nonzero_share=` (the share of non-zero pooled entries) makes
+a dense readout visible. Chance level is about the largest label share in the pool; the ceiling is
+min(n_label, k) / k.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def _precision_rows(artefact, concept_set, pooled: PooledTexts, selected: dict[s
     X = pooled.values.numpy()
     prec = {k: [] for k in ks}
     ceil = {k: [] for k in ks}
+    pool = []
     for c in concept_set.concepts:
         e = test[test["concept"] == c]
+        pool.append(len(e))
         s = X[pooled.rows(e["text_id"].to_numpy()), selected[c]]
         pos = (e["category"] == "positive").to_numpy()
         for k in ks:
@@ -61,8 +65,10 @@ def _precision_rows(artefact, concept_set, pooled: PooledTexts, selected: dict[s
             kk = min(k, len(s))
             ceil[k].append(min(int(pos.sum()), kk) / kk if kk else float("nan"))
     name = getattr(concept_set, "name", "")
+    # key=value facts (bench.results parses them into columns): the best achievable value and the mean pool size
     return [mean_row(artefact, f"retrieval.precision@{k}", prec[k], seed=seed, units=concept_set.concepts,
-                     detail=f"{name}; readout={readout or 'default'}; ceiling {np.nanmean(ceil[k]):.3f}") for k in ks]
+                     detail=(f"{name}; readout={readout or 'default'}; ceiling={np.nanmean(ceil[k]):.6g}; "
+                             f"pool_texts={np.mean(pool) if pool else float('nan'):.4g}")) for k in ks]
 
 
 def purity_values(X_NK: np.ndarray, labels: np.ndarray, k: int, seed: int = 0, chunk: int = 1024
@@ -100,8 +106,9 @@ def _purity_rows(artefact, concept_set, pooled: PooledTexts, ks: Sequence[int], 
     rows = []
     for k in ks:
         vals, n_fire = purity_values(X, labels, k, seed)
-        detail = (f"{getattr(concept_set, 'name', '')}; readout={readout or 'default'}; {n_fire}/{X.shape[1]} "
-                  f"features fire on >= {k} of {len(single)} texts; non-zero share {nonzero:.3f}")
+        # firing = features active (> 0) on >= min_texts of the n_texts pool texts; K = all features
+        detail = (f"{getattr(concept_set, 'name', '')}; readout={readout or 'default'}; firing={n_fire}; "
+                  f"K={X.shape[1]}; min_texts={k}; n_texts={len(single)}; nonzero_share={nonzero:.3f}")
         rows.append(mean_row(artefact, f"retrieval.purity@{k}", vals, seed=seed, detail=detail))
     return rows
 

@@ -190,3 +190,11 @@ def test_cards_are_of_the_artefacts_the_run_measured(site):
     rows, art = load_rows(run_dir), copy.copy(src.artefacts[0])
     art.info = {**art.info, "cost": {**art.info["cost"], "wall_seconds": art.cost.wall_seconds + 1.0}}  # a rebuild
     assert same_as_run(rows, src.model, src.layer, art) is False
+
+
+def test_the_index_links_the_runs_report(site):
+    _, run_dir, _, cfg, root = site
+    (run_dir / "REPORT.md").write_text("# report\n")
+    out = browse("smoke", config=cfg, results_dir=root / "results", out=root / "elsewhere")
+    assert _index(out)["meta"]["report"] == os.path.relpath(run_dir / "REPORT.md", out)
+    assert 'id="report-link"' in (out / "app.js").read_text()

@@ -122,7 +122,7 @@ def test_as_corpus(bbc):
 
 def test_get_concept_set_specs():
     assert get_concept_set("bbc", per_concept=10).name == "bbc"
-    with pytest.raises(ValueError, match="wordnet, bbc, axbench:"):
+    with pytest.raises(ValueError, match="wordnet, bbc, saeprobes.*, axbench:"):
         get_concept_set("imdb")
 
 

@@ -478,3 +478,15 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="topk needs"):
         art.encode(x[0], "topk", k=0)
     assert dataclasses.asdict(art.config)["percentiles"] == [2.0]
+
+
+def test_theta_zero_with_rounding_keeps_the_seed_in_its_own_region(tmp_path):
+    # theta = 0 (identical rows at a fine percentile) and a row whose float32 self-distance rounds to 1.2e-7 > 0:
+    # the seed row still belongs to region 0 (it used to start a duplicate region and leave region 0 empty)
+    v, w = [1.0, 2.0, 3.0], [3.0, 1.0, 7.0]
+    store, _ = _axis_store(tmp_path, [[v, v, w], [v, w, w]])
+    cal = fixed_calibration(store, 0, np.zeros(3), {1.0: 0.0}, 1)
+    art = ExemplarPartitioning(percentiles=[1.0], batch_contexts=1, sat_window=5, device="cpu").fit(
+        store, 0, calibration=cal)
+    assert art.tensors["member_count"].min() >= 1
+    assert art.tensors["member_count"].sum() == 6

@@ -36,7 +36,7 @@ class FakeEP(OracleArtefact):
     method: ClassVar[str] = "ep"
     readouts: ClassVar[tuple[str, ...]] = ("binary", "topk", "cosine", "signed")
 
-    def encode(self, x, readout=None):
+    def encode(self, x, readout=None, basis="exemplar"):  # one basis: the region mean is its exemplar here
         x = self.check_input(x)
         cos = F.normalize(x, dim=1) @ self.directions.T
         if readout == "cosine":

@@ -76,3 +76,25 @@ def test_next_token_logits_equal_the_full_forward_at_the_last_position(tiny_mode
     full = tiny_model.model(toks, return_type="logits")[torch.arange(len(texts)), lengths - 1].float()
     assert tiny_model.model.cfg.output_logits_soft_cap > 0  # the soft cap path is exercised
     torch.testing.assert_close(tiny_model.next_token_logits(texts), full, atol=1e-5, rtol=1e-5)
+
+
+def test_final_logits_of_selected_token_ids_are_the_full_columns(tiny_model):
+    """final_logits(resid, token_ids) = final_logits(resid)[..., token_ids], through the norm and the soft cap."""
+    import torch
+
+    toks, _ = tiny_model.to_tokens(["The capital of France is", "hi"])
+    m = tiny_model.model
+    assert m.cfg.output_logits_soft_cap > 0
+    with torch.no_grad():
+        resid = m(toks, stop_at_layer=m.cfg.n_layers)
+        full = tiny_model.final_logits(resid)
+        ids = torch.tensor([5, 0, 258, 5, 100])  # repeats and both ends of the vocabulary
+        part = tiny_model.final_logits(resid, token_ids=ids)
+        assert part.shape == (*resid.shape[:-1], 5)
+        torch.testing.assert_close(part, full[..., ids], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(tiny_model.final_logits(resid[:, -1], token_ids=ids[:2]), full[:, -1, ids[:2]],
+                                   rtol=1e-6, atol=1e-6)  # [B, d] in, [B, n] out
+        assert tiny_model.final_logits(resid, token_ids=torch.tensor([], dtype=torch.long)).shape[-1] == 0
+    for bad in (torch.tensor([[1, 2]]), torch.tensor([259]), torch.tensor([-1])):
+        with pytest.raises(ValueError, match="token_ids"):
+            tiny_model.final_logits(resid, token_ids=bad)

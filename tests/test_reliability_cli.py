@@ -104,23 +104,25 @@ def test_non_utf8_jsonl_names_the_file_and_line(tmp_path, monkeypatch, capsys):
 
 
 def test_disk_full_during_extract_is_one_line_leaves_no_temp_and_resumes(env, monkeypatch, capsys, tmp_path):
-    import bench.store as store
+    import safetensors.torch
+    from safetensors import SafetensorError
 
-    real, calls = store.save_file, []
+    real, calls = safetensors.torch.save_file, []
 
-    def full(tensors, path):
-        calls.append(path)
+    def full(tensors, path):  # what safetensors raises on a real full disk (its own error type, not an OSError);
+        calls.append(path)  # the real fault on a real tmpfs is in test_reliability_integrity.py
         if len(calls) == 3:  # after two shard files landed
             Path(path).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device", path)
+            raise SafetensorError(f"Error while serializing: I/O error: No space left on device "
+                                  f"(os error {errno.ENOSPC})")
         return real(tensors, path)
 
-    monkeypatch.setattr(store, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
     assert _extract(env, "--tokens", "9000") == 2
     err = capsys.readouterr().err.strip()
     assert "No space left on device; free disk space, then rerun the same command" in err and "\n" not in err
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
-    monkeypatch.setattr(store, "save_file", real)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert _extract(env, "--tokens", "9000") == 0
 
 

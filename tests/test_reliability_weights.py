@@ -42,8 +42,8 @@ def test_weights_identity_is_the_verified_hash_and_a_memo_keeps_it_cheap(fake_gg
     first = models.weights_identity(SMOL)
     cdir = fake_gguf_build[0]
     meta = json.loads((cdir / "tl_config.json").read_text())
-    assert first == meta["weights_sha256"] and meta["file_sha256"] == file_sha256(cdir / "model.safetensors")
-    # a second call reads the memo (a stat), not the file
+    assert first == models.cache_identity(meta) and meta["file_sha256"] == file_sha256(cdir / "model.safetensors")
+    # a second call in the same process does not read the file again (each process reads it once)
     monkeypatch.setattr("bench.cache.sha256_bytes_of_file", lambda p: pytest.fail(f"re-hashed {p}"))
     assert models.weights_identity(SMOL) == first and len(fake_gguf_build) == 1
 

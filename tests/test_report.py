@@ -87,7 +87,7 @@ def report(tmp_path_factory) -> tuple[Path, str]:
     (run_dir / "extras").mkdir()
     np.save(run_dir / "extras" / "correspondence_ep_p2_L12.npy", np.random.default_rng(1).uniform(0, 1, 300))
     path = write_report(run_dir)
-    return run_dir, path.read_text()
+    return run_dir, path.read_text() + "\n" + (run_dir / "DETAILS.md").read_text()  # the page and what it links
 
 
 def _table_rows(md: str) -> list[list[str]]:
@@ -106,7 +106,7 @@ def _section(md: str, start: str, stop: str = "\n**") -> str:
 def test_row_fields_match_metric_row():
     from metrics.common import MetricRow
 
-    assert tuple(f.name for f in dataclasses.fields(MetricRow) if f.name != "units") == ROW_FIELDS
+    assert tuple(f.name for f in dataclasses.fields(MetricRow) if f.name not in ("units", "clusters")) == ROW_FIELDS
 
 
 def test_published_yaml_matches_spec_table():
@@ -239,7 +239,7 @@ def test_csv_rows_without_run_json_and_concept_set_matching(tmp_path):
     run_dir = tmp_path / "partial"
     run_dir.mkdir()
     pd.DataFrame(rows).to_csv(run_dir / "rows.csv", index=False)
-    md = write_report(run_dir).read_text()
+    md = write_report(run_dir).read_text() + (run_dir / "DETAILS.md").read_text()
     assert "run.json is missing" in md and "### mystery" in md
     det = _section(md, "### AxBench", "### EP-SAE")
     cells = {c[3]: (c[5], c[6]) for c in _table_rows(_section(det, "**ours beside published"))}

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import torch
 import pytest
 
 from bench.claims import NOT_TESTABLE, REPRODUCED, claim_refusal, claim_saturation, rows_table
@@ -56,6 +57,10 @@ def _write(tmp_path, cells):
     return tmp_path / "run"
 
 
+RANDOM_ART = {"name": "random", "family": "random", "K": 100, "tokens": 1000, "rows": 990, "flops": 1.0, "seed": 0,
+              "p": None, "matched_to": None, "quality": None}
+
+
 def test_planted_difference_is_found_and_null_is_not(tmp_path):
     rng = np.random.default_rng(0)
     base = rng.normal(0.7, 0.1, size=40)
@@ -66,15 +71,19 @@ def test_planted_difference_is_found_and_null_is_not(tmp_path):
         for seed in (0, 1):  # two fit seeds of the SAE: averaged per unit before pairing
             noise = rng.normal(0, 0.01, size=40)
             cells.append(_cell("m", L, "sae", "sae", "detection.auroc", dict(zip(concepts, base + noise)), seed))
-        cells.append(_cell("m", L, "random", "random", "detection.auroc",
-                           dict(zip(concepts, base + 0.1 + rng.normal(0, 0.01, size=40)))))
+        for target in ("ep:p=2", "sae"):  # random directions at each artefact's K
+            art = {**RANDOM_ART, "name": f"random@K({target})", "matched_to": {"artefact": target, "kind": "K"}}
+            cells.append(_cell("m", L, f"random@K({target})", "random", "detection.auroc",
+                               dict(zip(concepts, base + 0.1 + rng.normal(0, 0.01, size=40))), artefact=art))
     run = _write(tmp_path, cells)
     vs = {(v.comparison.a, v.comparison.b): v for v in verdict_table(run)}
-    ep_sae = vs[("ep:p=2", "sae")]
+    ep_sae = vs[("ep:p=2", "sae")]  # the same K (100): compared, as exploratory
     assert ep_sae.verdict == "better" and ep_sae.result.n == 40  # a concept counts once over both layers
     assert ep_sae.result.diff == pytest.approx(0.1, abs=0.01) and ep_sae.result.ci_low > 0
-    assert vs[("ep:p=2", "random")].verdict == "no detectable difference"
-    assert vs[("sae", "random")].verdict == "worse"
+    assert ep_sae.result.by_layer["L4"] == pytest.approx(0.1, abs=0.01) and set(ep_sae.result.by_layer) == {"L4", "L8"}
+    assert vs[("ep:p=2", "random@K(ep:p=2)")].verdict == "no detectable difference"
+    assert vs[("sae", "random@K(sae)")].verdict == "worse"
+    assert ("ep:p=2", "random@K(sae)") not in vs  # a control of another artefact's K is not this one's control
 
 
 def test_lower_is_better_for_causal_deltas_and_control_pairing(tmp_path):
@@ -102,8 +111,8 @@ def test_random_control_is_matched_by_k_when_available():
     ])
     comps = {(c.a, c.b): c for c in plan_comparisons(arts, ["detection.auroc"])}
     assert ("ep:p=4", "random@K(ep:p=4)") in comps and ("ep:p=4", "random") not in comps
-    assert comps[("sae", "random")].kind == "vs random" and "K differs" in comps[("sae", "random")].note
-    assert "K differs" in comps[("ep:p=4", "sae")].note
+    assert ("sae", "random") not in comps  # a random control of another size is never the control
+    assert comps[("ep:p=4", "sae")].family == "exploratory"  # planned; refused later unless K matches
 
 
 def test_steering_is_compared_with_its_same_strength_control_only():
@@ -150,7 +159,7 @@ def test_report_opens_with_verdicts_and_scorecard_and_marks_undertrained_saes(tm
     rng = np.random.default_rng(2)
     concepts = [f"c{i}" for i in range(12)]
     base = rng.normal(0.7, 0.05, size=12)
-    sae_art = {"name": "sae", "family": "sae", "K": 64, "tokens": 5000, "rows": 4900, "flops": 1e9, "seed": 0,
+    sae_art = {"name": "sae", "family": "sae", "K": 100, "tokens": 5000, "rows": 4900, "flops": 1e9, "seed": 0,
                "p": None, "matched_to": None,
                "quality": {"explained_variance": 0.31, "undertrained": True, "converged": False, "epochs": 2.0,
                            "stop_reason": "cap"},
@@ -170,10 +179,14 @@ def test_report_opens_with_verdicts_and_scorecard_and_marks_undertrained_saes(tm
             for c in cells for r in c["rows"]]
     pd.DataFrame(rows).to_parquet(run / "rows.parquet")
     pd.DataFrame(rows).to_csv(run / "rows.csv", index=False)
-    text = write_report(run).read_text()
-    sections = [line for line in text.splitlines() if line.startswith("## ")]
-    assert sections.index("## Verdict") < sections.index("## The paper's claims, scored") < sections.index("## Headline")
-    assert "**better**" in text  # +0.2 on 12 concepts, exact sign-flip p = 2/4096 before Holm
+    page = write_report(run).read_text()
+    sections = [line for line in page.splitlines() if line.startswith("## ")]
+    assert sections[:3] == ["## Bottom line", "## Primary comparisons: EP against baselines of the same K",
+                            "## Metrics along the dictionary-size axis"]
+    assert sections.index("## The paper's claims, scored") < sections.index("## Budgets")
+    assert "DETAILS.md" in page and len(page.encode()) < 100_000
+    text = (run / "DETAILS.md").read_text()
+    assert "**better**" in text  # +0.2 on 12 concepts at the same K, exact sign-flip p = 2/4096 (exploratory)
     assert "sae (EV 0.31) ⚠" in text and "undertrained" in text
     assert (run / "plots" / "sae_training.png").exists()
     baselines = text[text.index("## Baselines at their best"):text.index("## Seed spread")]
@@ -222,3 +235,84 @@ def test_a_suite_field_added_since_the_run_started_resumes_at_its_default(tmp_pa
     del meta["config"]["max_prompts"]  # as written before the field existed
     (tmp_path / "r" / "run.json").write_text(json.dumps(meta))
     assert Run(suite, tmp_path, "r", progress=False).meta["config"]["max_prompts"] is None
+
+
+def _art(name, family, K, matched=None):
+    return {"name": name, "family": family, "K": K, "tokens": 1000, "rows": 990, "fit_rows": 990, "flops": 1.0,
+            "seed": 0, "p": None, "matched_to": matched, "quality": None}
+
+
+def test_unlike_dictionary_sizes_are_refused_not_compared(tmp_path):
+    from bench.verdict import verdicts_and_refusals
+
+    concepts = [f"c{i}" for i in range(20)]
+    base = np.linspace(0.5, 0.9, 20)
+    cells = []
+    for L, k_sae in ((4, 105), (8, 130)):  # within 10% at L4, 30% off at L8
+        cells += [_cell("m", L, "ep:p=4", "ep", "detection.auroc", dict(zip(concepts, base + 0.05)),
+                        artefact=_art("ep:p=4", "ep", 100)),
+                  _cell("m", L, "sae", "sae", "detection.auroc", dict(zip(concepts, base)),
+                        artefact=_art("sae", "sae", k_sae)),
+                  _cell("m", L, "kmeans", "kmeans", "detection.auroc", dict(zip(concepts, base)),
+                        artefact=_art("kmeans", "kmeans", 2048))]
+    table = verdicts_and_refusals(_write(tmp_path, cells))
+    vs = {(v.comparison.a, v.comparison.b): v for v in table.verdicts}
+    assert vs[("ep:p=4", "sae")].comparison.layers == [4]  # L8 refused, said in the note
+    assert "L8: K 100 vs 130" in vs[("ep:p=4", "sae")].comparison.note
+    assert ("ep:p=4", "kmeans") not in vs
+    assert [(r.a, r.b) for r in table.refused] == [("ep:p=4", "kmeans")] and "K 100 vs 2,048" in table.refused[0].reason
+
+
+def test_clustered_units_count_once_and_small_n_is_underpowered(tmp_path):
+    from bench.verdict import VerdictConfig, compare, decide, min_p
+
+    # 36 prompts in 6 clusters (answers): prompts of one answer share a direction, so n = 6, not 36
+    prompts = [f"{i}:p{i}" for i in range(36)]
+    clusters = {u: f"rel/{i % 6}" for i, u in enumerate(prompts)}
+    a = {u: -1.0 - 0.1 * (i % 6) for i, u in enumerate(prompts)}
+    cell = _cell("m", 8, "ep:p=2", "ep", "causal.ablate.delta_logit_diff", a)
+    cell["rows"][0]["clusters"] = clusters
+    ctrl = _cell("m", 8, "ep:p=2", "ep", "causal.ablate.control_delta", {u: 0.0 for u in prompts})
+    ctrl["rows"][0]["clusters"] = clusters
+    units = unit_table([cell, ctrl])
+    comp = Comparison("ep:p=2", CONTROL, "vs control", "causal.ablate.delta_logit_diff")
+    r = compare(units, comp, VerdictConfig())
+    assert r.n == 6 and r.n_units == 36 and r.p == pytest.approx(2 / 64)  # exact: all 6 cluster signs agree
+    assert r.diff == pytest.approx(np.mean([-1.0 - 0.1 * j for j in range(6)]))
+    # alone, 2/64 < 0.05 passes; beside a second test Holm needs 2 x 2/64 >= 0.05: it cannot pass at n = 6
+    one = decide([r], [comp], VerdictConfig())
+    assert one[0].verdict == "better"
+    two = decide([r, r], [comp, Comparison("x", CONTROL, "k", "causal.ablate.delta_logit_diff")], VerdictConfig())
+    assert [v.verdict for v in two] == ["underpowered (n = 6)"] * 2 and min_p(6, VerdictConfig()) == 2 / 64
+
+
+def test_primary_family_is_declared_by_the_plan_and_pooled_over_p(tmp_path):
+    from bench.suites import MetricPair, VerdictPlan
+
+    concepts = [f"c{i}" for i in range(30)]
+    base = np.linspace(0.5, 0.9, 30)
+    cells = []
+    for p, K, gain in ((2, 500, 0.04), (8, 60, 0.02)):
+        ep = f"ep:p={p}"
+        cells.append(_cell("m", 4, ep, "ep", "detection.auroc", dict(zip(concepts, base + gain)),
+                           artefact=_art(ep, "ep", K)))
+        b = f"sae@K({ep})"
+        cells.append(_cell("m", 4, b, "sae", "detection.auroc", dict(zip(concepts, base)),
+                           artefact=_art(b, "sae", K, {"artefact": ep, "kind": "K"})))
+    plan = VerdictPlan(primary_baselines=["sae@K"], primary_metrics=[MetricPair("det", "detection.auroc")])
+    vs = verdict_table(_write(tmp_path, cells), plan=plan)
+    primary = [v for v in vs if v.comparison.family == "primary"]
+    assert [(v.comparison.a, v.comparison.b) for v in primary] == [
+        ("ep:p=2", "sae@K(ep:p=2)"), ("ep:p=8", "sae@K(ep:p=8)"), ("EP (pooled over p)", "sae@K (pooled)")]
+    assert primary[2].result.diff == pytest.approx(0.03)  # per concept the mean over p of (EP_p - SAE@K_p)
+    assert all(v.verdict == "better" for v in primary)
+    assert all(v.comparison.family == "exploratory" for v in vs if v not in primary)
+
+
+def test_random_draws_of_different_k_are_independent():
+    from methods.random_directions import draw_seed, random_unit_directions
+
+    small = random_unit_directions(8, 16, draw_seed(0, 4, 8))
+    large = random_unit_directions(16, 16, draw_seed(0, 4, 16))
+    assert not torch.allclose(small, large[:8])  # not a prefix of one draw
+    assert torch.equal(small, random_unit_directions(8, 16, draw_seed(0, 4, 8)))  # but reproducible

@@ -14,6 +14,7 @@ import dataclasses
 import gzip
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -43,6 +44,37 @@ class BrowseConfig(CardConfig):
     layers: list[int] | None = None  # only these layers (default: every layer of the run)
     methods: list[str] | None = None  # only these method spec or artefact labels (default: all)
 
+    def __post_init__(self) -> None:
+        flags = {"sample_contexts": "--sample-contexts", "top_contexts": "--top-contexts",
+                 "shard_features": "--shard-features"}
+        for name in ("sample_contexts", "top_contexts", "shard_features", "before", "after", "bins", "members",
+                     "match_top_n"):
+            value = getattr(self, name)
+            low = 0 if name in ("before", "after", "members") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                flag = flags.get(name, name)
+                raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+
+SITE_MARKER = ".epbench-browser"  # written into every site folder: `browse` replaces only folders holding it
+_SITE_FILES = {"index.html", "app.js", "style.css", "data", SITE_MARKER}
+
+
+def check_out(out: Path) -> None:
+    """Refuse (one line, nothing written) an --out folder that is not empty and not a site `browse` wrote: the site
+    replaces the folder whole, so anything else in it (a user's files, a run's cells) would be lost."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a new folder for the site (nothing was written)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    names = {p.name for p in out.iterdir()}
+    ours = (out / SITE_MARKER).is_file() or (names <= _SITE_FILES and (out / "data" / "index.js").is_file())
+    if not ours:
+        shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"--out {out} is not empty and is not a site written by `epbench browse` (it holds {shown}); "
+                         "choose a new or empty folder (nothing was written or deleted)")
+
 
 class LayerSource(NamedTuple):
     """The artefacts of one model and layer, with the data their cards are computed from."""
@@ -64,6 +96,15 @@ def _safe(name: str) -> str:
 def artefact_id(model: str, layer: int, art: Artefact) -> str:
     """The id of a dictionary in the site (its data folder name and URL component)."""
     return _safe(f"{model}__L{layer:02d}__{art.name}")
+
+
+def _num_or_none(v: Any, digits: int = 4) -> float | None:
+    """A field read from an artefact's info (anyone may have written it): a finite number, or None for anything
+    else, so no string from a shared artefact ever reaches the page as a number would (the page escapes all text
+    as well)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return _num(v, digits)
 
 
 def _num(v: Any, digits: int = 4) -> Any:
@@ -114,12 +155,23 @@ def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
     layers = [L for L in suite.layers if cfg.layers is None or L in cfg.layers]
     if not layers:
         raise ValueError(f"{run_dir}: none of layers {cfg.layers} is in the run (layers {suite.layers})")
+    if cfg.methods is not None:
+        unknown = [m for m in cfg.methods if m not in {s.label for s in suite.methods}
+                   and not any(m.startswith((f"{s.label}:", f"{s.label}(", f"{s.label}[", f"{s.method}:"))
+                               for s in suite.methods)]
+        if unknown:
+            raise ValueError(f"--methods {' '.join(unknown)}: not a method spec or artefact label of {run_dir} "
+                             f"(its specs: {', '.join(s.label for s in suite.methods)}; artefact labels such as "
+                             "ep:p=2 work too)")
     out = []
     for model in suite.models:
         ctx = ModelContext(suite, model, progress=False)
         for L in layers:
             arts = [a for s in suite.methods for a in ctx.artefacts(s.label, L)
                     if cfg.methods is None or s.label in cfg.methods or a.name in cfg.methods]
+            if not arts:
+                raise ValueError(f"--methods {' '.join(cfg.methods or [])}: no artefact of {run_dir} at layer {L} "
+                                 "has that spec or artefact label; `epbench browse` without --methods lists them all")
             concepts = {n: (cs, ctx.concept_acts(n, L)) for n, cs in ctx.concept_sets.items()}
             inputs = ctx.heldout_acts(L) if concepts else sample_rows(ctx.store, L, cfg.sample_contexts).acts
             out.append(LayerSource(model, L, arts, ctx.store, ctx.backend.tokenizer, concepts, inputs,
@@ -129,7 +181,7 @@ def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
 
 def artefact_sources(root: Path, cfg: BrowseConfig) -> list[LayerSource]:
     """LayerSources for one saved artefact (cfg.json) or every artefact under a folder of them."""
-    from bench.store import ActivationStore, stores_root
+    from bench.store import open_verified, stores_root
 
     paths = [root] if (root / "cfg.json").is_file() else sorted(p.parent for p in root.rglob("cfg.json"))
     groups: dict[tuple[str, str, int], list[Artefact]] = {}
@@ -144,7 +196,10 @@ def artefact_sources(root: Path, cfg: BrowseConfig) -> list[LayerSource]:
         if not (spath / "manifest.json").is_file():
             raise FileNotFoundError(f"{spath}: the store {arts[0].name} was built on is not in the cache; "
                                     "re-extract it (`epbench extract` with the same request) or set EPBENCH_CACHE")
-        store = ActivationStore(spath)
+        store, problem = open_verified(spath)  # every shard's sha256, and the folder is the store it claims
+        if store is None or store.id != store_id:
+            raise ValueError(f"{spath}: not the verified store {store_id} that {arts[0].name} was built on "
+                             f"({problem or f'it holds store {store.id}'}); rerun its `epbench extract` to repair it")
         out.append(LayerSource(model, L, arts, store, _tokenizer(model), {},
                                sample_rows(store, L, cfg.sample_contexts).acts, "token"))
     return out
@@ -293,9 +348,10 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
             "id": aid, "model": src.model, "layer": src.layer, "name": art.name, "method": art.method,
             "K": art.K, "supervised": art.supervised, "store": src.store.id,
             "readout": default_readout(art) or getattr(art.config, "readout", None) or art.readouts[0],
-            "theta": _num(art.info.get("theta")), "p": art.info.get("p"),
-            "cost": {"tokens": cost.tokens, "rows": cost.rows, "flops": _num(cost.flops, 3),
-                     "seconds": _num(cost.wall_seconds, 3), "device": cost.device},
+            "theta": _num_or_none(art.info.get("theta")), "p": _num_or_none(art.info.get("p")),
+            "cost": {"tokens": _num_or_none(cost.tokens, 12), "rows": _num_or_none(cost.rows, 12),
+                     "flops": _num_or_none(cost.flops, 3), "seconds": _num_or_none(cost.wall_seconds, 3),
+                     "device": str(cost.device)},
             "metrics": _headline(rows, src.model, src.layer, art.name),
             "labels": _label_tokens(art, top, src.store, tokens, src.model),
             "concepts": concept_index, "shard": cfg.shard_features,
@@ -335,11 +391,26 @@ def _token_text(tokenizer: Any, ids: list[int]) -> dict[str, str]:
 def write_site(out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: Any = None,
                title: str = "", meta: dict[str, Any] | None = None) -> Path:
     """Compute every card and write the site into `out` (index.html, app.js, style.css, data/)."""
+    from bench.cache import unique_tmp
+
+    check_out(out)
     tokens = _Tokens()
     entries: list[dict] = []
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(out)  # a name no user folder has (never `<out>.tmp`, which may be the user's)
+    try:
+        _write_site_into(tmp, out, sources, cfg, rows, title, meta, tokens, entries)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_site_into(tmp: Path, out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: Any, title: str,
+                     meta: dict[str, Any] | None, tokens: _Tokens, entries: list[dict]) -> None:
+    """Write the site into the fresh folder `tmp`, then swap it in for `out` (a site `browse` wrote, or nothing)."""
+    from bench.cache import unique_tmp
+
     data = tmp / "data"
     tokenizers: dict[str, Any] = {}
     for src in sources:
@@ -362,10 +433,15 @@ def write_site(out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: A
     _js(data / "index.js", "index", index)
     for name in ("index.html", "app.js", "style.css"):
         shutil.copy(STATIC / name, tmp / name)
+    (tmp / SITE_MARKER).write_text("written by `epbench browse`; the next browse to this folder replaces it whole\n")
+    check_out(out)  # again, just before replacing: nothing else may have been put there meanwhile
+    old = None
     if out.exists():
-        shutil.rmtree(out)
+        old = unique_tmp(out)
+        out.replace(old)
     tmp.replace(out)
-    return out
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def site_size(out: Path) -> int:
@@ -378,6 +454,7 @@ def browse(target: str, out: str | Path | None = None, config: BrowseConfig | No
     """Write the browser for a run id / run directory / artefact directory; returns the site folder."""
     cfg = config or BrowseConfig()
     kind, path = resolve_target(target, results_dir)
+    check_out(Path(out) if out else path / "browser")  # before any work: never replace what browse did not write
     rows, meta = None, {}
     if kind == "run":
         from bench.report.common import load_rows, load_run_info
@@ -386,6 +463,12 @@ def browse(target: str, out: str | Path | None = None, config: BrowseConfig | No
         sources = run_sources(path, cfg)
         run = json.loads((path / "run.json").read_text())
         meta = {k: run.get(k) for k in ("run_id", "suite", "git_commit", "started", "finished")}
+        if (path / "REPORT.md").exists():  # the run's verdict page, linked from the index
+            meta["report"] = os.path.relpath(path / "REPORT.md", Path(out) if out else path / "browser")
+        if (path / "cells").is_dir():
+            from bench.runner import verify_tables
+
+            verify_tables(path)  # as `report` does: derived tables checked against the cells, rebuilt if off
         if (path / "rows.parquet").exists() or (path / "rows.csv").exists():
             rows = load_rows(path)
             meta["concept_set"] = primary_concept_set(rows, load_run_info(path))

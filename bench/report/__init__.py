@@ -1,4 +1,5 @@
-"""Markdown report and plots for one run: headline, per-family tables, paper tables with published figures.
+"""Markdown report and plots for one run: REPORT.md is one page (bottom line, primary verdicts, metric-vs-K plots,
+scorecard, budgets); DETAILS.md holds exploratory verdicts, per-family tables and paper tables.
 
 Input: `results/<run-id>/rows.parquet` (or `rows.csv`), tidy MetricRow rows plus provenance columns, and
 `run.json`. Output: `REPORT.md` and `plots/*.png` in the same directory. Metrics are grouped by the prefix of
@@ -16,46 +17,96 @@ from pathlib import Path
 from bench.report.common import (  # noqa: F401  (public names other modules and tests import)
     DETAIL_WIDTH, ROW_FIELDS, families_in, fmt_num, load_rows, load_run_info, md_table,
 )
-from bench.report.plots import make_plots
+from bench.claims import scorecard
+from bench.report.common import _safe
+from bench.report.plots import curve_points, make_plots, plot_metric_vs_k
 from bench.report.published import load_published, paper_md  # noqa: F401
 from bench.report.tables import family_md, header_md, headline_md, primary_concept_set  # noqa: F401
-from bench.report.verdicts import baselines_md, scorecard_md, seeds_md, verdict_md
-from bench.verdict import load_cells, verdict_table
+from bench.report.verdicts import (
+    baselines_md, bottom_line, budgets_md, exploratory_md, primary_md, scorecard_md, seeds_md,
+)
+from bench.verdict import artefact_table, load_cells, plan_of, unit_table, verdicts_and_refusals
 
 # --------------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------------
 def write_report(run_dir: Path) -> Path:
-    """Write run_dir/REPORT.md and run_dir/plots/*.png from the run's rows; returns the report path."""
+    """Write run_dir/REPORT.md (one page: bottom line, primary verdicts with per-layer differences, metric-vs-K
+    plots, scorecard, budgets), run_dir/DETAILS.md (everything else) and run_dir/plots/*.png; returns REPORT.md."""
     run_dir = Path(run_dir)
     df = load_rows(run_dir)
     info = load_run_info(run_dir)
     published = load_published()
     concept_set = primary_concept_set(df, info)
-    cells = load_cells(run_dir)  # read once: the verdicts, the scorecard, the baselines and the SAE curves use them
+    cells = load_cells(run_dir)  # read once: verdicts, scorecard, baselines, curves and plots all use them
+    plan = plan_of(run_dir)
+    table = verdicts_and_refusals(run_dir, cells=cells, plan=plan)
+    claims = scorecard(run_dir, table.verdicts, cells)
+    models = sorted({str(c.get("cell", {}).get("model")) for c in cells if c.get("cell", {}).get("model")})
+    per_model: dict[str, tuple] = {}
+    if len(models) > 1:  # each model on its own (Holm within its primary family), beside the pooled verdict
+        for m in models:
+            mine = [c for c in cells if c.get("cell", {}).get("model") == m]
+            vm = verdicts_and_refusals(run_dir, cells=mine, plan=plan).verdicts
+            per_model[m] = (vm, scorecard(run_dir, vm, mine))
     plots = make_plots(df, run_dir, published, concept_set, cells)
-    verdicts = verdict_table(run_dir, cells=cells)  # computed once: the verdict table and the scorecard's paired claims
-    md = header_md(info, df, run_dir) + verdict_md(run_dir, verdicts) + scorecard_md(run_dir, verdicts, cells)
-    md += headline_md(df, concept_set)
-    md += baselines_md(cells, plots.get("sae_curves")) + seeds_md(cells)
-    md += ["## Metric families", "",
-           (f"Every row of the run, grouped by metric family (details cut at {DETAIL_WIDTH} characters; rows.csv has "
-           "them in full)."), ""]
+    curves = k_curve_plots(cells, run_dir, [m.metric for m in plan.primary_metrics])
+    page = header_md(info, df, run_dir, details=DETAILS) + bottom_line(table.verdicts, claims, plan)
+    page += primary_md(table.verdicts, plan.k_tolerance, {m: v for m, (v, _) in per_model.items()})
+    page += ["## Metrics along the dictionary-size axis", "",
+             ("Each headline metric against K (log axis), per layer: EP as its percentile sweep, each baseline "
+              "built at EP's sizes as one line over them, single-size artefacts as points; 95% intervals over the "
+              "same clusters the verdicts use."), ""]
+    page += [f"![{m} vs K]({path})" for m, path in curves.items()] + [""] if curves else ["(no per-unit rows)", ""]
+    page += scorecard_md(claims, "all models" if per_model else "")
+    for m, (_, claims_m) in per_model.items():
+        page += scorecard_md(claims_m, m)
+    page += budgets_md(cells)
+    page += [f"Everything else (exploratory and refused comparisons, baselines at their best, seed spread, every "
+             f"metric family, the paper tables): [{DETAILS}]({DETAILS}); the suite grid: [run.json](run.json); "
+             f"tidy rows: `rows.parquet`."]
+    details = [f"# Details of run `{info.get('run_id', run_dir.name)}`", "", "Back to [REPORT.md](REPORT.md).", ""]
+    details += header_md(info, df, run_dir)[2:]  # provenance again, the suite grid and how to read the tables
+    details += exploratory_md(table.verdicts, table.refused) + headline_md(df, concept_set)
+    details += baselines_md(cells, plots.get("sae_curves")) + seeds_md(cells)
+    details += ["## Metric families", "",
+                (f"Every row of the run, grouped by metric family (details cut at {DETAIL_WIDTH} characters; rows.csv "
+                 "has them in full)."), ""]
     for fam in families_in(df):
-        md += family_md(df, fam, plots.get(f"family:{fam}"))
-    md += ["## Quality vs cost, stability", ""]
+        details += family_md(df, fam, plots.get(f"family:{fam}"))
+    details += ["## Quality vs cost, stability", ""]
     if "pareto" in plots:
-        md += [("Quality against the tokens each build consumed (log x); the dashed line is the Pareto frontier. "
-               "Pretrained SAEs report the cost of loading them: their training tokens are in "
-               "`cost.token_ratio_sae_over_ep`."), "", f"![quality vs build tokens]({plots['pareto']})", ""]
+        details += [("Quality against the tokens each build consumed (log x); the dashed line is the Pareto frontier. "
+                     "Pretrained SAEs report the cost of loading them: their training tokens are in "
+                     "`cost.token_ratio_sae_over_ep`."), "", f"![quality vs build tokens]({plots['pareto']})", ""]
     if "stability" in plots:
-        md += ["Stability metrics against the pair of dictionaries compared (layer pairs, seed pairs).", "",
-               f"![stability vs pair]({plots['stability']})", ""]
-    if "pareto" not in plots and "stability" not in plots:
-        md += ["(no build-token or stability rows in this run)", ""]
-    md += paper_md(df, published, plots)
-    path = run_dir / "REPORT.md"
-    path.write_text("\n".join(md).rstrip() + "\n")
+        details += ["Stability metrics against the pair of dictionaries compared (layer pairs, seed pairs).", "",
+                    f"![stability vs pair]({plots['stability']})", ""]
+    details += paper_md(df, published, plots)
+    write_text_atomic(run_dir / DETAILS, "\n".join(details).rstrip() + "\n")
+    return write_text_atomic(run_dir / "REPORT.md", "\n".join(page).rstrip() + "\n")
+
+
+DETAILS = "DETAILS.md"
+
+
+def k_curve_plots(cells: list[dict], run_dir: Path, metrics: list[str]) -> dict[str, str]:
+    """One metric-vs-K plot per headline metric present in the run; {metric: path relative to run_dir}."""
+    units, arts = unit_table(cells), artefact_table(cells)
+    out = {}
+    for metric in dict.fromkeys(metrics):
+        name = f"k_curve_{_safe(metric)}.png"
+        if plot_metric_vs_k(curve_points(units, arts, metric), metric, run_dir / "plots" / name):
+            out[metric] = f"plots/{name}"
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a text file under a unique temporary name and rename it over the old one (a failed write leaves the
+    previous complete file in place)."""
+    from bench.cache import atomic_write_text
+
+    atomic_write_text(path, text)  # fsynced; an OSError keeps its errno and names `path` (the CLI adds the fix)
     return path
 
 
@@ -118,4 +169,10 @@ def report_main(run_id: str | None, results_dir: Path = Path("results")) -> Path
                              "kept) to rewrite it, or delete it to report without run metadata") from None
     if (run_dir / "cells").is_dir():
         verify_tables(run_dir)  # rows.parquet / rows.csv are derived: checked against the cells, rebuilt if off
+        from bench.runner import damaged_cells
+
+        damaged = damaged_cells(run_dir)  # the verdicts read the cells themselves: none may be damaged
+        if damaged:
+            raise ValueError(f"cell file {damaged[0]} is damaged ({len(damaged)} in all: checksum mismatch or "
+                             "unreadable); rerun the same `epbench run` to recompute it, then `epbench report`")
     return write_report(run_dir)

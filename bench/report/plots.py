@@ -33,9 +33,14 @@ def _save(fig, path: Path) -> None:
     """Lay out, write and close a figure (every plot of the report the same way)."""
     import matplotlib.pyplot as plt
 
+    from bench.cache import atomic_path
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a full disk keeps the previous plot whole; the error names `path`
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def _cells_by(d: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -308,3 +313,71 @@ def make_plots(df: pd.DataFrame, run_dir: Path, published: list[Published], conc
     if plot_sae_curves(cells, pdir / "sae_training.png"):
         out["sae_curves"] = "plots/sae_training.png"
     return out
+
+
+def curve_points(units: pd.DataFrame, arts: pd.DataFrame, metric: str, n_boot: int = 400, seed: int = 0
+                 ) -> pd.DataFrame:
+    """Per (model, layer, method): K, the mean over independent clusters of the seed-averaged per-unit values of
+    `metric`, and a 95% bootstrap interval over clusters (the same clusters the verdicts use)."""
+    u = units[units["metric"] == metric]
+    if u.empty or arts.empty:
+        return pd.DataFrame()
+    v = u.groupby(["model", "layer", "method", "setting", "unit", "cluster"], as_index=False)["value"].mean()
+    v["base"] = v["setting"].str.split(";").str[0].str.strip()
+    c = v.groupby(["model", "layer", "method", "base", "cluster"], as_index=False)["value"].mean()
+    rng = np.random.default_rng(seed)
+    recs = []
+    sizes = arts.groupby(["model", "layer", "method"])[["K", "family"]].first()
+    for (model, layer, method), g in c.groupby(["model", "layer", "method"]):
+        if (model, layer, method) not in sizes.index:
+            continue
+        x = g["value"].to_numpy()
+        boot = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1) if len(x) > 1 else x
+        K, family = sizes.loc[(model, layer, method)]
+        recs.append({"model": model, "layer": int(layer), "method": method, "family": family, "K": int(K),
+                     "value": float(x.mean()), "lo": float(np.quantile(boot, 0.025)),
+                     "hi": float(np.quantile(boot, 0.975)), "n": len(x)})
+    return pd.DataFrame(recs)
+
+
+def curve_line(method: str, family: str) -> str:
+    """Which line of a metric-vs-K plot a dictionary belongs to: EP by p, each matched spec (e.g. `sae@K`) as one
+    curve over its targets, every other artefact its own point."""
+    if family == "ep":
+        return "EP (p sweep)"
+    return method.split("(")[0] if "(" in method else method
+
+
+def plot_metric_vs_k(points: pd.DataFrame, metric: str, path: Path) -> bool:
+    """One panel per (model, layer): the metric against dictionary size K (log x), one line per method, with
+    95% intervals over clusters; unmatched single artefacts are points."""
+    if points.empty:
+        return False
+    plt, sns = _plt()
+    panels = list(points.groupby(["model", "layer"]).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    points = points.assign(line=[curve_line(m, f) for m, f in zip(points["method"], points["family"])])
+    lines = sorted(points["line"].unique(), key=lambda s: (not s.startswith("EP"), s))
+    colours = dict(zip(lines, sns.color_palette("tab10", len(lines))))
+    for ax, (model, layer) in zip(axes[0], panels):
+        p = points[(points["model"] == model) & (points["layer"] == layer)]
+        for line, g in p.groupby("line"):
+            g = g.sort_values("K")
+            style = "-o" if len(g) > 1 else "s"
+            ax.errorbar(g["K"], g["value"], yerr=[g["value"] - g["lo"], g["hi"] - g["value"]], fmt=style,
+                        ms=4, capsize=2, lw=1.2, color=colours[line], label=line)
+        ax.set_xscale("log")
+        ax.set_xlabel("dictionary size K (log)")
+        ax.set_title(f"{model} L{layer}")
+    axes[0][0].set_ylabel(metric)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.28)
+    from bench.cache import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:  # a full disk keeps the previous plot whole; the error names `path`
+            fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    return True

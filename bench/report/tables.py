@@ -13,8 +13,9 @@ from bench.report.common import (
     first_metric, md_table, ordered_methods, setting_of,
 )
 
-def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> list[str]:
-    """Title, provenance and how to read the report."""
+def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path, details: str | None = None) -> list[str]:
+    """Title, provenance and how to read the report (`details`: the page the suite grid and reading notes move to,
+    keeping the report itself to one page)."""
     suite = info.get("suite") or (df["suite"].iloc[0] if "suite" in df else "unknown")
     commit = info.get("git_commit") or (df["git_commit"].iloc[0] if "git_commit" in df else "")
     out = [f"# epbench report: suite `{suite}`, run `{info.get('run_id', run_dir.name)}`", ""]
@@ -41,6 +42,8 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> list[str
         "",
     ]
     out += data_md(info.get("data") or {})
+    if details:
+        return out
     if info.get("config"):
         out += ["<details><summary>suite grid (run.json config)</summary>", "", "```json",
                 json.dumps(info["config"], indent=1, sort_keys=True, default=str), "```", "", "</details>", ""]

@@ -1,17 +1,21 @@
-"""The report's opening: paired verdicts (bench.verdict), the claims scorecard (bench.claims), and the evidence
-that every baseline was at its best (SAE training curves and convergence, k-means iterations, seed spread)."""
+"""The report's verdict pages, rendered from bench.verdict and bench.claims (nothing is computed here): the bottom
+line, the primary and exploratory verdict tables, the claims scorecard, the budgets, and the evidence that every
+baseline was at its best (SAE training curves and convergence, k-means iterations, seed spread)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bench.claims import scorecard
+from bench.claims import NOT_TESTABLE, NOT_TESTABLE_N, REPRODUCED, ClaimResult
 from bench.report.common import MISSING, fmt_num, md_table
-from bench.verdict import CONTROL, EV_FLOOR, HEADLINE_METRICS, METRIC_DIRECTION, Verdict, artefact_table, seed_spread
+from bench.suites import VerdictPlan
+from bench.verdict import (
+    CONTROL, EV_FLOOR, HEADLINE_METRICS, METRIC_DIRECTION, PRIMARY, UNDERPOWERED, Refused, Verdict, artefact_table,
+    seed_spread,
+)
 
 DIRECTION = {+1: "higher is better", -1: "lower is better"}
 
@@ -25,54 +29,167 @@ def _p(x: float) -> str:
     return MISSING if x != x else (f"{x:.2g}" if x >= 0.001 else "<0.001")
 
 
-def verdict_md(run_dir: Path, verdicts: list[Verdict]) -> list[str]:
-    """The paired verdict table (layers pooled), grouped by metric; Holm over the whole table."""
-    out = ["## Verdict", ""]
-    if not verdicts:
-        return out + ["(no comparison yet: the finished cells hold no pair of methods measured on the same units; "
-                      "finish or resume the run)", ""]
-    tested = sum(v.result is not None for v in verdicts)
-    counts = pd.Series([v.verdict for v in verdicts]).value_counts().to_dict()
-    out += [(f"Each row compares A with B on one metric over the **same units** (concepts; prompts for causal "
-             f"metrics), paired: per unit A - B, averaged over the layers both were measured at (a concept counts "
-             f"once) and over fit seeds. Δ is the mean paired difference with a 95% bootstrap interval over units; p "
-             f"is a two-sided sign-flip permutation test, **Holm-adjusted over all {tested} tests of this table**. "
-             f"`better` / `worse` (in the metric's direction) only when the adjusted p < 0.05; otherwise `no "
-             f"detectable difference`, whatever the point estimate. The interval is per comparison (not adjusted), "
-             f"so it can exclude 0 where the adjusted verdict still says `no detectable difference`. Budgets are "
-             f"stated per side; `K differs` flags a comparison at unlike dictionary sizes (best-of-K feature "
-             f"selection favours the larger K by chance alone). Steering deltas are compared with the same-strength random direction only: each method "
-             f"steers at the strength it chose on train prompts, so two methods' deltas would come from unlike "
-             f"strengths and KL. Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."), ""]
-    for metric in dict.fromkeys(v.comparison.metric for v in verdicts):
-        sign = METRIC_DIRECTION[metric]
-        out += [f"**{metric}** ({DIRECTION[sign]})", ""]
+def _word(v: Verdict) -> str:
+    return f"**{v.verdict}**" if v.verdict in ("better", "worse") else v.verdict
+
+
+def _breakdown(d: dict[str, float] | None) -> str:
+    return ", ".join(f"{k} {x:+.3f}" for k, x in (d or {}).items()) or MISSING
+
+
+def _n(v: Verdict) -> str:
+    r = v.result
+    return "0" if r is None else (f"{r.n}" if r.n_units in (0, r.n) else f"{r.n} ({r.n_units} units)")
+
+
+def primary_md(verdicts: list[Verdict], k_tolerance: float,
+               per_model: dict[str, list[Verdict]] | None = None) -> list[str]:
+    """The suite's declared primary family: EP vs each primary baseline at matched K, per p and pooled over p, with
+    per-layer, per-data-set and per-model differences beside the pooled one."""
+    rows = [v for v in verdicts if v.comparison.family == PRIMARY]
+    out = ["## Primary comparisons: EP against baselines of the same K", ""]
+    if not rows:
+        return out + ["(no primary comparison in this run: the suite's VerdictPlan names baselines built at EP's K "
+                      "(`match=\"K\"`); none were measured)", ""]
+    tested = sum(v.result is not None and not v.verdict.startswith(UNDERPOWERED) for v in rows)
+    out += [(f"Declared by the suite before any result (its `VerdictPlan`): EP at each percentile against each "
+             f"baseline built at that EP artefact's K (within {k_tolerance:.0%}), on each headline quantity, and pooled "
+             f"over the percentiles (per unit, the mean over p of the paired differences). Δ = EP - baseline, in the "
+             f"metric's own direction noted per block; n counts **independent clusters** (a concept or data set "
+             f"once per model; causal prompts that share one selected direction, relation/answer, are one cluster); "
+             f"95% bootstrap interval and sign-flip p over clusters; **Holm over the {tested} primary tests**. "
+             f"Per-layer, per-data-set and per-model columns are the same paired difference restricted there "
+             f"(unadjusted, descriptive)."), ""]
+    for name in dict.fromkeys(v.comparison.name or v.comparison.metric for v in rows):
+        block = [v for v in rows if (v.comparison.name or v.comparison.metric) == name]
+        c0 = block[0].comparison
+        direction = DIRECTION[METRIC_DIRECTION[c0.metric]]
+        metric = c0.metric + (f" vs {c0.metric_b}" if c0.metric_b else "") + (f" ({c0.setting})" if c0.setting else "")
+        out += [f"**{name}** (`{metric}`, {direction})", ""]
+        body = [[v.comparison.a, v.comparison.b, _n(v), fmt_num(v.result.mean_a) if v.result else MISSING,
+                 fmt_num(v.result.mean_b) if v.result else MISSING, _interval(v), _p(v.p_holm), _word(v),
+                 _breakdown(v.result.by_layer if v.result else None),
+                 _breakdown(v.result.by_setting if v.result else None)] for v in block]
+        out += [md_table(["EP", "baseline", "n", "EP", "baseline", "Δ [95% CI]", "p (Holm)", "verdict", "per layer",
+                          "per data set"], body, right=(2, 3, 4, 5, 6)), ""]
+    if per_model:
         body = []
-        for v in (v for v in verdicts if v.comparison.metric == metric):
-            c, r = v.comparison, v.result
-            b = c.b if c.b != CONTROL else f"{CONTROL} (same prompts)"
-            body.append([c.a, b, c.kind, ",".join(map(str, c.layers)), str(r.n) if r else "0",
-                         fmt_num(r.mean_a) if r else MISSING, fmt_num(r.mean_b) if r else MISSING, _interval(v),
-                         _p(v.p_holm), f"**{v.verdict}**" if v.verdict in ("better", "worse") else v.verdict,
-                         "; ".join(x for x in (c.budget_a and f"A: {c.budget_a}", c.budget_b and f"B: {c.budget_b}",
-                                               c.note) if x)])
-        out += [md_table(["A", "B", "comparison", "layers", "n", "A", "B", "Δ = A - B [95% CI]", "p (Holm)",
-                          "verdict", "budgets"], body, right=(4, 5, 6, 7, 8)), ""]
+        for model, vs in per_model.items():
+            body += [[model, v.comparison.b, v.comparison.name or v.comparison.metric, _n(v), _interval(v),
+                      _p(v.p_holm), _word(v)] for v in vs
+                     if v.comparison.family == PRIMARY and v.comparison.pairs and v.result]
+        out += ["**Per model** (pooled-over-p rows, each model's primary family Holm-corrected on its own). The "
+                "rows above pool the models: a concept or data set counts once per model, so each model weighs "
+                "by its clusters.", "",
+                md_table(["model", "baseline", "quantity", "n", "Δ [95% CI]", "p (Holm)", "verdict"], body,
+                         right=(3, 4, 5)), ""]
     return out
 
 
-def scorecard_md(run_dir: Path, verdicts: list[Verdict], cells: list[dict[str, Any]]) -> list[str]:
-    """The paper's claims, each restated, measured here and marked."""
-    claims = scorecard(run_dir, verdicts, cells)
-    out = ["## The paper's claims, scored", ""]
+def exploratory_md(verdicts: list[Verdict], refused: list[Refused]) -> list[str]:
+    """Every other comparison (Holm within its own family), and what was refused for unlike K."""
+    rows = [v for v in verdicts if v.comparison.family != PRIMARY]
+    tested = sum(v.result is not None and not v.verdict.startswith(UNDERPOWERED) for v in rows)
+    out = ["## Exploratory comparisons", "",
+           (f"Secondary, labelled exploratory: EP against the suite's other SAEs and k-means (only where K matches), "
+            f"every method against random directions of its own K (feature chosen by the same train rule: best-of-K "
+            f"selection favours a larger K by chance alone, so the control has the same K), and causal effects "
+            f"against random directions of the artefact's K selected on the same train prompts. Holm over these "
+            f"{tested} tests, separately from the primary family."), ""]
+    body = [[v.comparison.a, v.comparison.b if v.comparison.b != CONTROL else f"{CONTROL} (same prompts)",
+             v.comparison.kind, v.comparison.metric + (f" ({v.comparison.setting})" if v.comparison.setting else ""),
+             ",".join(map(str, v.comparison.layers)), _n(v), _interval(v), _p(v.p_holm), _word(v),
+             _breakdown(v.result.by_layer if v.result else None), v.comparison.note] for v in rows]
+    out += [md_table(["A", "B", "comparison", "metric", "layers", "n", "Δ [95% CI]", "p (Holm)", "verdict",
+                      "per layer", "note"], body, right=(5, 6, 7)), ""]
+    if refused:
+        out += [f"**Refused for unlike dictionary sizes** ({len(refused)}: never compared; the metric-vs-K plots "
+                "show them along the size axis instead):", "",
+                md_table(["A", "B", "metric", "why"], [[r.a, r.b, r.metric, r.reason] for r in refused]), ""]
+    return out
+
+
+def bottom_line(verdicts: list[Verdict], claims: list[ClaimResult], plan: VerdictPlan) -> list[str]:
+    """At most five sentences, generated from the primary rows and the scorecard."""
+    pooled = [v for v in verdicts if v.comparison.family == PRIMARY and v.comparison.pairs and v.result]
+    out = ["## Bottom line", ""]
+    if not pooled:
+        pooled = [v for v in verdicts if v.comparison.family == PRIMARY and v.result]
+    sentences = []
+    for spec in plan.primary_baselines:
+        rows = [v for v in pooled if v.comparison.b.startswith(spec)]
+        if not rows:
+            continue
+        by = {w: [v for v in rows if v.verdict == w] for w in ("better", "worse")}
+        pooled_word = "pooled over EP's percentiles" if rows[0].comparison.pairs else "per percentile"
+
+        def items(vs: list[Verdict]) -> str:
+            return "; ".join(f"{v.comparison.name or v.comparison.metric} {v.result.diff:+.3f} "
+                             f"[{v.result.ci_low:+.3f}, {v.result.ci_high:+.3f}]" for v in vs)
+
+        rest = len(rows) - len(by["better"]) - len(by["worse"])
+        if not by["better"] and not by["worse"]:
+            big = max(rows, key=lambda v: abs(v.result.diff))
+            sentences.append(f"Against {spec} at the same K ({pooled_word}), EP shows no detectable difference on "
+                             f"any of {len(rows)} headline quantities (largest |Δ|: "
+                             f"{big.comparison.name or big.comparison.metric} {big.result.diff:+.3f} "
+                             f"[{big.result.ci_low:+.3f}, {big.result.ci_high:+.3f}]).")
+            continue
+        parts = []
+        if by["better"]:
+            parts.append(f"better on {items(by['better'])}")
+        if by["worse"]:
+            parts.append(f"worse on {items(by['worse'])}")
+        sentences.append(f"Against {spec} at the same K ({pooled_word}), EP is " + ", and ".join(parts)
+                         + (f", with no detectable difference on the other {rest}" if rest else "") + ".")
+    counted = [c for c in claims if c.status != NOT_TESTABLE]
+    if counted:
+        tally = pd.Series([c.status for c in counted]).value_counts()
+        sentences.append(f"Of the paper's claims testable on this run, {tally.get(REPRODUCED, 0)} of {len(counted)} "
+                         f"reproduce under the fixed criteria below"
+                         + (f" ({tally.get(NOT_TESTABLE_N, 0)} not testable at this n)"
+                            if tally.get(NOT_TESTABLE_N, 0) else "") + ".")
+    if not sentences:
+        sentences = ["No primary comparison has finished yet."]
+    return out + [" ".join(sentences[:5]), ""]
+
+
+def scorecard_md(claims: list[ClaimResult], model: str = "") -> list[str]:
+    """The paper's claims, each restated, with its version, measured here and marked (`model`: whose rows)."""
+    out = [f"## The paper's claims, scored{f' ({model})' if model else ''}", ""]
     if not claims:
         return out + ["(no rows)", ""]
-    out += [("Each claim of the EP paper's published-figures list, restated in a line, measured on this run and "
-             "marked `reproduced`, `not reproduced` or `not testable here`; the criterion says what we counted as "
-             "reproduced. Published figures are labelled as such and are never ours."), ""]
-    body = [[c.claim, c.published, c.measured, f"**{c.status}**", "; ".join(x for x in (c.criterion, c.reason) if x)]
-            for c in claims]
-    return out + [md_table(["claim", "published", "measured here", "status", "criterion; reason"], body), ""]
+    out += [("Each claim restated, labelled with the paper version it comes from (v2, or the revision's later figures; "
+             "where they differ the revision is what the authors now claim), measured on this run at the setting "
+             "fixed in its criterion, against a control, and marked `reproduced`, `not reproduced`, `not testable "
+             "here` or `not testable at this n` (too few independent units for its test to pass: not a failure). "
+             "Published figures are labelled and are never ours."), ""]
+    body = [[c.version, c.claim, c.published, c.measured, f"**{c.status}**",
+             "; ".join(x for x in (c.criterion, c.reason) if x)] for c in claims]
+    return out + [md_table(["version", "claim", "published", "measured here", "status", "criterion; reason"], body), ""]
+
+
+def budgets_md(cells: list[dict[str, Any]]) -> list[str]:
+    """What every dictionary was really fitted on, per layer: K, rows the fit read, tokens, FLOPs."""
+    arts = artefact_table(cells)
+    out = ["## Budgets", ""]
+    if arts.empty:
+        return out + ["(no artefact records)", ""]
+    rows = arts.get("fit_rows", arts["rows"]).fillna(arts["rows"]) if "fit_rows" in arts else arts["rows"]
+    arts = arts.assign(fit=rows)
+    body = []
+    for (model, method), g in arts.groupby(["model", "method"], sort=False):
+        g = g.sort_values("layer")
+        body.append([model, method, g["family"].iloc[0], " / ".join(f"{int(k):,}" for k in g["K"]),
+                     " / ".join(fmt_num(x) for x in g["fit"]), " / ".join(fmt_num(x) for x in g["tokens"]),
+                     " / ".join(fmt_num(x) for x in g["flops"]), str(len(g.iloc[0]["seeds"]) or 1)])
+    layers = " / ".join(f"L{int(x)}" for x in sorted(arts["layer"].unique()))
+    return out + [f"Per layer ({layers}): K, the store rows each fit read (k-means: its training rows; EP: its "
+                  "discovery stream; an SAE: its training rows, repeats over epochs counted), the tokens of everything "
+                  "the build read (k-means: its centre too) "
+                  "and the fit's FLOPs; seeds fitted.", "",
+                  md_table(["model", "dictionary", "family", "K", "fitted on rows", "tokens read", "FLOPs", "seeds"],
+                           body), ""]
 
 
 def baselines_md(cells: list[dict[str, Any]], plot: str | None) -> list[str]:

@@ -16,7 +16,9 @@ SUITE = Suite(
         MethodSpec("random", {"k": 32}),
         MethodSpec("diffmean"),
         # budget-matched baselines: at each EP artefact's K, and an SAE on exactly the tokens EP streamed
-        MethodSpec("kmeans", {"n_rows": 2000, "n_calib": 2000}, match="K", match_to=["ep"]),
+        MethodSpec("kmeans", {"n_rows": 2000, "n_calib": 2000}, match="K", match_to=["ep"], rows_as_target=True),
+        MethodSpec("sae", {"architecture": "topk", "k": 4, "training_tokens": 4096, "batch_rows": 256,
+                           "buffer_rows": 512, "progress": False}, match="K", match_to=["ep"], k_per_width=1 / 16),
         MethodSpec("random", {"k": 32}, match="K", match_to=["ep", "sae", "kmeans", "pca"]),
         MethodSpec("sae", {"architecture": "topk", "k": 4, "training_tokens": 4096, "batch_rows": 256,
                            "buffer_rows": 512, "progress": False}, match="tokens", match_to=["ep"], match_p=[10]),
@@ -26,8 +28,9 @@ SUITE = Suite(
     concept_sets=["bbc"],
     concept_examples=6,
     # causal is left out: a random model answers no prompt, so there is nothing to intervene on (the causal
-    # code path is tested on the tiny model in tests/test_metrics_model.py and runs in the default suite)
-    metrics=["build", "retrieval", "detection", "probing", "ood", "recon", "cost", "correspondence", "stability"],
+    # code path is tested on the tiny model in tests/test_causal.py and runs in the default suite)
+    metrics=["build", "retrieval", "detection", "probing", "sparse_probing", "ood", "recon", "cost", "correspondence",
+             "stability", "compositional"],
     prompt_sets=[],
     ood_sets=["random_tokens", "shuffled_words"],
     side_effect_texts=4,

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import Artefact, Cost, Method, MethodConfig
+from methods.base import Artefact, Method, MethodConfig
+from methods.common import BuildMeter, base_info, stream_rows, tokens_behind
 
 
 @dataclass
@@ -13,6 +14,7 @@ class MeanDirectionConfig(MethodConfig):
 
 class MeanDirectionArtefact(Artefact):
     method, config_cls = "mean_direction", MeanDirectionConfig
+    tensor_shapes = {"directions": ("K", "d")}  # checked on save and load
     directions = property(lambda self: self.tensors["directions"])  # [1, d] unit
 
     def encode(self, x: torch.Tensor, readout: str | None = None) -> torch.Tensor:
@@ -23,7 +25,15 @@ class MeanDirection(Method):
     name, config_cls, artefact_cls = "mean_direction", MeanDirectionConfig, MeanDirectionArtefact
 
     def fit(self, store, layer, concepts=None) -> MeanDirectionArtefact:
-        x = torch.cat([b.acts for b in store.batches(layer)])[: self.config.n_rows]
-        info = {"label": self.name, "cost": Cost(rows=len(x)).to_dict(), **store.provenance(layer)}
-        mean = x.mean(0, keepdim=True)
-        return MeanDirectionArtefact(self.config, {"directions": mean / mean.norm()}, info)
+        n, tokens, total = 0, 0, torch.zeros(store.d_model, dtype=torch.float64)
+        with BuildMeter() as meter:  # wall seconds and peak memory of the build
+            for x, context_ids in stream_rows(store, layer):  # validated rows, in stream order
+                x, context_ids = x[: self.config.n_rows - n], context_ids[: self.config.n_rows - n]
+                total += x.double().sum(0)
+                n, tokens = n + len(x), tokens + tokens_behind(context_ids)  # tokens: rows + one BOS per context
+                if n >= self.config.n_rows:
+                    break
+            mean = (total / n).float()[None]
+        cost = meter.cost(rows=n, tokens=tokens, flops=float(n * store.d_model))  # one add per element read
+        return MeanDirectionArtefact(self.config, {"directions": mean / mean.norm()},
+                                     base_info(store, layer, self.name, cost))

@@ -31,10 +31,10 @@ function esc(s) {
 }
 function show(s) { return s.replace(/\n/g, "⏎").replace(/\t/g, "⇥"); }
 function tok(model, id) { const v = EPB.vocabs[model]; return v && id in v ? v[id] : "#" + id; }
-function fmt(v, d = 3) {
-  if (v === null || v === undefined) return "—";
+function fmt(v, d = 3) {  // numbers only: anything else from a data file shows as a dash, never as markup
+  if (v === null || v === undefined || typeof v !== "number" || !isFinite(v)) return "—";
   if (Math.abs(v) >= 1e5) return v.toExponential(2);
-  return Number(v).toPrecision(d).replace(/\.?0+$/, "");
+  return v.toPrecision(d).replace(/\.?0+$/, "");
 }
 function label(a, k) { const t = a.labels[k]; return t >= 0 ? show(tok(a.model, t)) : ""; }
 function unique(xs) { return [...new Set(xs)]; }
@@ -92,15 +92,16 @@ function renderIndex() {
   const mets = EPB.data.headline.filter((m) => arts.some((a) => m in a.metrics));
   const head = ["model", "layer", "dictionary", "K", "build tokens", "build s"].map((h) => `<th>${h}</th>`).join("") +
     mets.map((m) => `<th class="num">${esc(m)}</th>`).join("");
-  const body = arts.map((a) => `<tr class="art" data-id="${esc(a.id)}"><td>${esc(a.model)}</td><td>${a.layer}</td>
+  const body = arts.map((a) => `<tr class="art" data-id="${esc(a.id)}"><td>${esc(a.model)}</td><td>${esc(a.layer)}</td>
     <td><a href="#/a/${encodeURIComponent(a.id)}">${esc(a.name)}</a>${a.supervised ? " †" : ""}${a.same_as_run === false ?
       ' <span class="error" title="rebuilt since the run: the cards describe another fit than the metrics">⚠ rebuilt</span>' : ""}</td>
-    <td class="num">${a.K}</td><td class="num">${fmt(a.cost.tokens, 4)}</td><td class="num">${fmt(a.cost.seconds)}</td>
+    <td class="num">${esc(a.K)}</td><td class="num">${fmt(a.cost.tokens, 4)}</td><td class="num">${fmt(a.cost.seconds)}</td>
     ${mets.map((m) => `<td class="num">${fmt(a.metrics[m])}</td>`).join("")}</tr>`).join("");
   const table = document.getElementById("table");
   table.innerHTML = `<table id="artefacts"><tr>${head}</tr>${body}</table>
     <p class="muted">${arts.length} dictionaries; click one for its features. Metrics are the run's own rows${
-    EPB.data.meta.concept_set ? ` (concept metrics on the ${esc(EPB.data.meta.concept_set)} concept set)` : ""}.</p>`;
+    EPB.data.meta.concept_set ? ` (concept metrics on the ${esc(EPB.data.meta.concept_set)} concept set)` : ""}.${
+    EPB.data.meta.report ? ` The verdict: <a id="report-link" href="${esc(EPB.data.meta.report)}">the run's report</a>.` : ""}</p>`;
   table.querySelectorAll("tr.art").forEach((tr) => tr.addEventListener("click", (e) => {
     if (e.target.tagName !== "A") location.hash = "#/a/" + encodeURIComponent(tr.dataset.id);
   }));
@@ -131,17 +132,17 @@ function renderResults(arts) {
   if (!state.q.trim()) { el.innerHTML = ""; return; }
   el.innerHTML = `<div class="muted">${hits.length} feature(s) match “${esc(state.q)}”${hits.length > 300 ? " (first 300)" : ""}</div>` +
     hits.slice(0, 300).map(([a, k, why]) => `<a class="result" href="#/f/${encodeURIComponent(a.id)}/${k}">
-      ${esc(a.name)} L${a.layer} #${k} <b>${esc(label(a, k))}</b> <span class="muted">${esc(why)}</span></a>`).join("");
+      ${esc(a.name)} L${esc(a.layer)} #${esc(k)} <b>${esc(label(a, k))}</b> <span class="muted">${esc(why)}</span></a>`).join("");
 }
 
 // ----- one dictionary: its features ------------------------------------------------------------------------
 function listView(main, aid) {
   const a = EPB.byId[aid];
   if (!a) { main.innerHTML = `<p class="error">No dictionary ${esc(aid)} in this site.</p>`; return; }
-  const chips = a.labels.map((t, k) => `<a href="#/f/${encodeURIComponent(aid)}/${k}">#${k} ${esc(label(a, k))}</a>`);
-  const extra = a.theta !== null ? ` · θ = ${fmt(a.theta)} (p = ${a.p})` : "";
-  main.innerHTML = `<h2>${esc(a.name)} · ${esc(a.model)} layer ${a.layer}</h2>
-    <p>K = ${a.K}${extra} · readout for contexts: ${esc(a.readout)} · built on ${fmt(a.cost.tokens, 4)} tokens in
+  const chips = a.labels.map((t, k) => `<a href="#/f/${encodeURIComponent(aid)}/${k}">#${esc(k)} ${esc(label(a, k))}</a>`);
+  const extra = a.theta !== null ? ` · θ = ${fmt(a.theta)} (p = ${esc(a.p)})` : "";
+  main.innerHTML = `<h2>${esc(a.name)} · ${esc(a.model)} layer ${esc(a.layer)}</h2>
+    <p>K = ${esc(a.K)}${extra} · readout for contexts: ${esc(a.readout)} · built on ${fmt(a.cost.tokens, 4)} tokens in
     ${fmt(a.cost.seconds)} s</p><div class="chips">${chips.join("")}</div>`;
 }
 
@@ -181,11 +182,11 @@ function tokens(a, ids, shade, peakAt) {
 
 function histogram(h) {
   const [lo, hi, counts, zeros, rows] = h;
-  if (lo === null) return `<p class="muted">never non-zero on the ${rows} sampled tokens</p>`;
+  if (lo === null) return `<p class="muted">never non-zero on the ${esc(rows)} sampled tokens</p>`;
   const W = 320, H = 70, m = Math.max(...counts, 1), bw = W / counts.length;
-  const bars = counts.map((c, i) => `<rect x="${i * bw + 1}" y="${H - (c / m) * H}" width="${bw - 2}" height="${(c / m) * H}"><title>${c}</title></rect>`).join("");
-  const note = zeros ? `fires on ${fmt((100 * (rows - zeros)) / rows)}% of ${rows} sampled tokens (zeros not drawn)` :
-    `all ${rows} sampled tokens`;
+  const bars = counts.map((c, i) => `<rect x="${i * bw + 1}" y="${H - (c / m) * H}" width="${bw - 2}" height="${(c / m) * H}"><title>${esc(c)}</title></rect>`).join("");
+  const note = zeros ? `fires on ${fmt((100 * (rows - zeros)) / rows)}% of ${esc(rows)} sampled tokens (zeros not drawn)` :
+    `all ${esc(rows)} sampled tokens`;
   return `<svg class="hist" width="${W}" height="${H + 14}">${bars}<text x="0" y="${H + 12}">${fmt(lo)}</text>
     <text x="${W}" y="${H + 12}" text-anchor="end">${fmt(hi)}</text></svg><div class="muted">${note}</div>`;
 }
@@ -203,7 +204,7 @@ function renderCard(a, c) {
       const from = Math.max(1, pos - before), ids = (ctxs[cid] || []).slice(from, pos + after + 1);
       return `<div class="member"><span class="dist">d = ${fmt(d)}</span>${tokens(a, ids, null, pos - from)}</div>`;
     }).join("");
-    ep = `<div class="stats"><span>members ${c.ep.n}</span><span>coherence ${fmt(c.ep.coh)}</span>
+    ep = `<div class="stats"><span>members ${esc(c.ep.n)}</span><span>coherence ${fmt(c.ep.coh)}</span>
       <span>θ ${fmt(a.theta)}</span><span>distance ${fmt(c.ep.dmean)} ± ${fmt(c.ep.dstd)}</span></div>
       <h3>Closest members</h3>${mem(c.ep.close)}<h3>Farthest members</h3>${mem(c.ep.farth)}`;
   }
@@ -211,12 +212,12 @@ function renderCard(a, c) {
     const o = EPB.data.artefacts[oi], oid = o.id;
     const cmp = a.method === "ep" && o.method === "sae" ?
       ` <a class="cmp" href="#/cmp/${encodeURIComponent(a.id)}/${c.k}/${encodeURIComponent(oid)}/${k}">side by side</a>` : "";
-    return `<tr><td>${esc(o.name)}</td><td><a class="match" href="#/f/${encodeURIComponent(oid)}/${k}">#${k} ${esc(label(o, k))}</a>${cmp}</td>
+    return `<tr><td>${esc(o.name)}</td><td><a class="match" href="#/f/${encodeURIComponent(oid)}/${encodeURIComponent(k)}">#${esc(k)} ${esc(label(o, k))}</a>${cmp}</td>
       <td class="num">${fmt(f1)}</td></tr>`;
   }).join("");
   const concepts = c.concepts.map(([set, name, auc]) => `<tr><td>${esc(set)}</td><td>${esc(name)}</td><td class="num">${fmt(auc)}</td></tr>`).join("");
-  return `<div class="card" data-aid="${esc(a.id)}" data-k="${c.k}">
-    <h2>${esc(a.name)} · ${esc(a.model)} L${a.layer} · #${c.k} <span class="muted">${esc(label(a, c.k))}</span></h2>
+  return `<div class="card" data-aid="${esc(a.id)}" data-k="${esc(c.k)}">
+    <h2>${esc(a.name)} · ${esc(a.model)} L${esc(a.layer)} · #${esc(c.k)} <span class="muted">${esc(label(a, c.k))}</span></h2>
     ${ep}<h3>Top-activating contexts (${esc(a.readout)})</h3>${top}
     <h3>Activation histogram</h3>${histogram(c.hist)}
     <h3>Best match in other methods (top-set F1)</h3>${matches ? `<table class="matches"><tr><th>dictionary</th><th>feature</th><th class="num">F1</th></tr>${matches}</table>` : `<p class="muted">no overlapping feature</p>`}
