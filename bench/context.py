@@ -416,7 +416,9 @@ class ModelContext:
                 continue
             matched_to = {"artefact": target.name, "kind": spec.match, "K": target.K, "tokens": target.cost.tokens,
                           "rows": target.cost.rows}
-            for params in _seeded({**spec.params, **budget}, spec.seeds):
+            p = target.info.get("p")
+            seeds = next((v for k, v in spec.match_seeds.items() if p is not None and float(k) == float(p)), spec.seeds)
+            for params in _seeded({**spec.params, **budget}, seeds):
                 out.append(self._fit(spec, fits_dir, layer, {"params": params, "matched_to": matched_to},
                                      partial(self._fit_matched, cls(**params), layer, spec.label, matched_to)))
         return out

@@ -71,6 +71,8 @@ CONTROL_OF: dict[str, str] = {
 }
 HEADLINE_METRICS: dict[str, int] = {m: METRIC_DIRECTION[m] for m in SECONDARY_METRICS}  # report tables and plots
 CONTROL = "selected random control"
+# metrics whose units share directions (prompts of one answer): compared only when the rows record their clusters
+NEEDS_CLUSTERS = tuple(m for m in METRIC_DIRECTION if m.startswith("causal."))
 EV_FLOOR = 0.7  # a trained SAE with held-out explained variance below this is marked "undertrained" everywhere
 BETTER, WORSE, NDD, UNDERPOWERED, TOO_FEW = ("better", "worse", "no detectable difference", "underpowered",
                                               "too few units")
@@ -181,17 +183,19 @@ def load_cells(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def unit_table(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Long table of per-unit values: model, layer, method, family, metric, setting, seed, unit, cluster, value."""
+    """Long table of per-unit values: model, layer, method, family, metric, setting, seed, unit, cluster (the unit
+    itself where the row recorded none), clustered (whether it did), value."""
     recs = []
     for c in cells:
         fam = c.get("method_family", "")
         for r in c.get("rows", []):
-            clusters = r.get("clusters") or {}
+            clusters = r.get("clusters")
             setting = setting_of(r["detail"])
             for unit, v in (r.get("units") or {}).items():
                 recs.append((r["model"], int(r["layer"]), r["method"], fam, r["metric"], setting, int(r["seed"]),
-                             unit, clusters.get(unit, unit), float(v)))
-    cols = ["model", "layer", "method", "family", "metric", "setting", "seed", "unit", "cluster", "value"]
+                             unit, (clusters or {}).get(unit, unit), clusters is not None, float(v)))
+    cols = ["model", "layer", "method", "family", "metric", "setting", "seed", "unit", "cluster", "clustered",
+            "value"]
     return pd.DataFrame.from_records(recs, columns=cols)
 
 
@@ -461,6 +465,10 @@ def verdicts_and_refusals(run_dir: Path | None, cfg: VerdictConfig | None = None
                 refused.append(Refused(comp.a, comp.b, comp.metric, "K outside the tolerance at every layer ("
                                        + "; ".join(notes) + ")"))
             continue  # never measured together on this metric (e.g. causal on a few artefacts only)
+        if comp.metric in NEEDS_CLUSTERS and not units.loc[units["metric"] == comp.metric, "clustered"].all():
+            refused.append(Refused(comp.a, comp.b, comp.metric, "its rows record no clusters (cells written before "
+                                   "causal prompts were clustered by the direction used): units are not independent"))
+            continue
         comp.layers = layers
         comp.note = ("layers refused for unlike K: " + "; ".join(notes)) if notes else ""
         comps.append(comp)

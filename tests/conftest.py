@@ -31,3 +31,12 @@ def smollm2():
     from bench.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """A throwaway epbench cache for one test module (what it generates and extracts stays out of the user's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("epbench-cache")
+        mp.setenv("EPBENCH_CACHE", str(root))
+        yield root

@@ -53,3 +53,20 @@ def make(cls, dirs, layer=LAYER, center=None, **info):
 
 def rand_dirs(K, d=64, seed=0):
     return torch.randn(K, d, generator=torch.Generator().manual_seed(seed))
+
+
+def fake_gguf_build(monkeypatch) -> list:
+    """Replace the (45 s) GGUF dequantisation by a deterministic small state; returns the list of builds made."""
+    import bench.models as models
+
+    calls = []
+
+    def build(gguf_path, cdir):
+        calls.append(cdir)
+        g = torch.Generator().manual_seed(0)
+        state = {"blocks.1.attn.W_Q": torch.randn(8, 16, generator=g), "embed.W_E": torch.randn(32, 16, generator=g)}
+        models._write_weights_cache(cdir, state, models.tiny_gemma2_config(), {"gguf": str(gguf_path)},
+                                    models.byte_tokenizer())
+
+    monkeypatch.setattr(models, "_build_gguf_cache", build)
+    return calls

@@ -22,7 +22,12 @@ def ctx(tmp_path_factory):
         methods=[MethodSpec("ep", {"percentiles": [2, 10], "n_calib": 200, "batch_contexts": 8}),
                  MethodSpec("pca", {"k": 4}),
                  MethodSpec("random", {"k": 8}, match="K", match_to=["ep", "pca"], seeds=[0, 1]),
-                 MethodSpec("kmeans", {"n_rows": 600, "n_calib": 200}, match="K", match_to=["ep"], match_p=[10])])
+                 MethodSpec("kmeans", {"n_rows": 600, "n_calib": 200}, match="K", match_to=["ep"], match_p=[10]),
+                 MethodSpec("kmeans", {"n_calib": 200, "niter": 5}, label="km-rows", match="K", match_to=["ep"],
+                            seeds=[0, 1], match_seeds={2: [0]}, rows_as_target=True),
+                 MethodSpec("sae", {"architecture": "topk", "k": 32, "training_tokens": 2048, "batch_rows": 128,
+                                    "buffer_rows": 256, "progress": False}, label="sae-scaled", match="K",
+                            match_to=["ep"], match_p=[2], k_per_width=1 / 8)])
     return ModelContext(suite, "synthetic", progress=False, store=store)
 
 
@@ -37,6 +42,19 @@ def test_matched_artefacts_copy_the_targets_k_per_layer_and_seed(ctx):
         assert {a.config.seed for a in rnd} == {0, 1}
         km = ctx.artefacts("kmeans@K", L)  # match_p keeps only p=10
         assert [a.name for a in km] == ["kmeans@K(ep:p=10)"] and km[0].K == targets["ep:p=10"]
+
+
+def test_match_rules_scale_sparsity_copy_rows_and_seed_per_target(ctx):
+    for L in LAYERS:
+        ep = {a.info["p"]: a for a in ctx.artefacts("ep", L)}
+        km = ctx.artefacts("km-rows", L)
+        seeds = sorted((a.info["matched_to"]["artefact"], a.config.seed) for a in km)
+        assert seeds == [("ep:p=10", 0), ("ep:p=10", 1), ("ep:p=2", 0)]  # one seed at p=2 (match_seeds)
+        for a in km:  # fitted on as many store rows as its target streamed
+            target = ep[2.0 if a.name.endswith("p=2)") else 10.0]
+            assert a.info["n_train_rows"] == target.cost.rows
+        (sae,) = ctx.artefacts("sae-scaled", L)
+        assert sae.K == ep[2.0].K and sae.config.k == min(32, max(1, round(ep[2.0].K / 8)))
 
 
 def test_matched_spec_key_follows_its_targets(ctx):

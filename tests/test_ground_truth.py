@@ -17,11 +17,8 @@ CTX = 32
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        root = tmp_path_factory.mktemp("gt-cache")
-        mp.setenv("EPBENCH_CACHE", str(root))
-        yield root
+def cache(module_cache):
+    return module_cache
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import fakes
 import pandas as pd
 import pytest
 import torch
@@ -344,17 +345,7 @@ def test_a_store_under_another_requests_id_is_re_extracted(tmp_path, cache_env, 
 @pytest.fixture
 def fake_gguf_build(cache_env, monkeypatch):
     """Replace the (45 s) GGUF dequantisation by a deterministic small state; count the builds."""
-    calls = []
-
-    def build(gguf_path, cdir):
-        calls.append(cdir)
-        g = torch.Generator().manual_seed(0)
-        state = {"blocks.1.attn.W_Q": torch.randn(8, 16, generator=g), "embed.W_E": torch.randn(32, 16, generator=g)}
-        models._write_weights_cache(cdir, state, models.tiny_gemma2_config(), {"gguf": str(gguf_path)},
-                                    models.byte_tokenizer())
-
-    monkeypatch.setattr(models, "_build_gguf_cache", build)
-    return calls
+    return fakes.fake_gguf_build(monkeypatch)
 
 
 def test_bit_rot_in_cached_weights_that_keeps_mtime_is_detected(fake_gguf_build, capsys):

@@ -3,8 +3,8 @@
 import json
 import os
 
+import fakes
 import pytest
-import torch
 
 import bench.models as models
 from bench.cache import file_sha256
@@ -17,17 +17,7 @@ SMOL = "smollm2-135m"
 def fake_gguf_build(tmp_path, monkeypatch):
     """Replace the (45 s) GGUF dequantisation by a deterministic small state; count the builds."""
     monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "cache"))
-    calls = []
-
-    def build(gguf_path, cdir):
-        calls.append(cdir)
-        g = torch.Generator().manual_seed(0)
-        state = {"blocks.1.attn.W_Q": torch.randn(8, 16, generator=g), "embed.W_E": torch.randn(32, 16, generator=g)}
-        models._write_weights_cache(cdir, state, models.tiny_gemma2_config(), {"gguf": str(gguf_path)},
-                                    models.byte_tokenizer())
-
-    monkeypatch.setattr(models, "_build_gguf_cache", build)
-    return calls
+    return fakes.fake_gguf_build(monkeypatch)
 
 
 def _flip_floats(path, n=10):

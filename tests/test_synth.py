@@ -15,12 +15,8 @@ TOKENS, CTX = 4096, 32  # 128 contexts of 31 samples of synth-tiny
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A throwaway epbench cache for this module (the generated synth-tiny model and its stores)."""
-    with pytest.MonkeyPatch.context() as mp:
-        root = tmp_path_factory.mktemp("synth-cache")
-        mp.setenv("EPBENCH_CACHE", str(root))
-        yield root
+def cache(module_cache):
+    return module_cache
 
 
 @pytest.fixture(scope="module")

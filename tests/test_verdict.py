@@ -94,6 +94,8 @@ def test_lower_is_better_for_causal_deltas_and_control_pairing(tmp_path):
     for kind in ("ablate", "steer"):  # both deltas: more negative = the answer moved more toward the contrast
         cells += [_cell("m", 8, "ep:p=2", "ep", f"causal.{kind}.delta_logit_diff", dict(zip(prompts, ctrl - 1.0))),
                   _cell("m", 8, "ep:p=2", "ep", f"causal.{kind}.control_delta", dict(zip(prompts, ctrl)))]
+    for c in cells:  # each prompt its own direction here: one cluster per prompt, recorded as such
+        c["rows"][0]["clusters"] = {u: u for u in prompts}
     run = _write(tmp_path, cells)
     vs = {v.comparison.metric: v for v in verdict_table(run) if v.comparison.b == CONTROL}
     assert set(vs) == {"causal.ablate.delta_logit_diff", "causal.steer.delta_logit_diff"}
@@ -316,3 +318,13 @@ def test_random_draws_of_different_k_are_independent():
     large = random_unit_directions(16, 16, draw_seed(0, 4, 16))
     assert not torch.allclose(small, large[:8])  # not a prefix of one draw
     assert torch.equal(small, random_unit_directions(8, 16, draw_seed(0, 4, 8)))  # but reproducible
+
+
+def test_causal_rows_without_clusters_are_refused_not_counted_per_prompt(tmp_path):
+    from bench.verdict import verdicts_and_refusals
+
+    prompts = [f"{i}:p{i}" for i in range(30)]
+    cells = [_cell("m", 8, "ep:p=2", "ep", "causal.ablate.delta_logit_diff", {u: -1.0 for u in prompts}),
+             _cell("m", 8, "ep:p=2", "ep", "causal.ablate.control_delta", {u: 0.0 for u in prompts})]
+    table = verdicts_and_refusals(_write(tmp_path, cells))  # legacy cells: no clusters recorded
+    assert not table.verdicts and "record no clusters" in table.refused[0].reason

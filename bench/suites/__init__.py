@@ -101,6 +101,8 @@ class MethodSpec:
     seeds: list[int] = field(default_factory=list)  # empty: the config's own seed only
     k_per_width: float | None = None  # match="K" SAEs: TopK k = clip(round(width x this), 1, params' k)
     rows_as_target: bool = False  # match="K": fit on as many store rows as the target streamed (`n_rows`)
+    match_seeds: dict[float, list[int]] = field(default_factory=dict)  # EP target p -> its seeds (else `seeds`),
+    # e.g. one seed where a fit at that p's K costs an hour on a CPU
 
     def __post_init__(self) -> None:
         self.label = self.label or (f"{self.method}@{self.match}" if self.match else self.method)
@@ -239,6 +241,8 @@ class MethodSpec:
             ident.update(match=self.match, match_to=self.match_to, match_p=self.match_p, seeds=self.seeds)
         if self.k_per_width or self.rows_as_target:
             ident.update(k_per_width=self.k_per_width, rows_as_target=self.rows_as_target)
+        if self.match_seeds:
+            ident.update(match_seeds={str(float(k)): v for k, v in sorted(self.match_seeds.items())})
         blob = json.dumps(ident, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -28,8 +28,7 @@ Committed as results/full/ (cells, rows, report; no activations).
 from bench.suites import MethodSpec, Suite
 
 SEEDS = [0, 1, 2]  # stochastic methods (SAE, k-means, random) at the sizes a CPU affords three fits of
-FINE_P = [1, 2]  # EP percentiles whose K (2k-26k) make a fit take 10-70 minutes here: one seed
-COARSE_P = [4, 6, 8, 10]
+FINE_SEEDS = {1: [0], 2: [0]}  # EP percentiles whose K (2k-26k) make a baseline fit take 10-70 minutes here
 # A TopK SAE trained on the store until held-out NMSE stops improving (methods/sae.py: converge_tol over the last
 # converge_window of steps), with a cap so it always ends.
 SAE = {"architecture": "topk", "k": 32, "training_tokens": 8_000_000, "batch_rows": 1024, "buffer_rows": 65_536,
@@ -61,14 +60,10 @@ SUITE = Suite(
         MethodSpec("random", {"k": 2048}, seeds=SEEDS),
         MethodSpec("diffmean"),
         # the size axis: one baseline per EP artefact, at its K (labels `sae@K(ep:p=4)` etc.)
-        MethodSpec("sae", SAE, label="sae@K", match="K", match_to=["ep"], match_p=COARSE_P, seeds=SEEDS,
+        MethodSpec("sae", SAE, label="sae@K", match="K", match_to=["ep"], seeds=SEEDS, match_seeds=FINE_SEEDS,
                    k_per_width=K_PER_WIDTH),
-        MethodSpec("sae", SAE, label="sae@K-fine", match="K", match_to=["ep"], match_p=FINE_P, seeds=[0],
-                   k_per_width=K_PER_WIDTH),
-        MethodSpec("kmeans", KMEANS, label="kmeans@K", match="K", match_to=["ep"], match_p=COARSE_P, seeds=SEEDS,
-                   rows_as_target=True),
-        MethodSpec("kmeans", KMEANS, label="kmeans@K-fine", match="K", match_to=["ep"], match_p=FINE_P, seeds=[0],
-                   rows_as_target=True),
+        MethodSpec("kmeans", KMEANS, label="kmeans@K", match="K", match_to=["ep"], seeds=SEEDS,
+                   match_seeds=FINE_SEEDS, rows_as_target=True),
         MethodSpec("random", {}, match="K", match_to=["ep", "sae", "kmeans", "pca"], seeds=SEEDS),
         # the paper's token-efficiency claim: an SAE trained only on the tokens the EP build streamed
         MethodSpec("sae", {**SAE, "width": 2048}, match="tokens", match_to=["ep"], match_p=[8, 10], seeds=[0]),
@@ -87,9 +82,9 @@ SUITE = Suite(
     causal_unrelated_texts=8,
     family_layers={"causal": [8], "refusal": [8]},
     family_artefacts={
-        "causal": ["ep:p=2", "ep:p=8", "sae@K-fine(ep:p=2)", "sae@K(ep:p=8)", "kmeans@K-fine(ep:p=2)",
-                   "kmeans@K(ep:p=8)", "diffmean"],
-        "recon": ["ep", "sae", "sae@K", "sae@K-fine", "sae@tokens", "kmeans", "kmeans@K", "pca"],
+        "causal": ["ep:p=2", "ep:p=8", "sae@K(ep:p=2)", "sae@K(ep:p=8)", "kmeans@K(ep:p=2)", "kmeans@K(ep:p=8)",
+                   "diffmean"],
+        "recon": ["ep", "sae", "sae@K", "sae@tokens", "kmeans", "kmeans@K", "pca"],
         "refusal": ["ep", "sae"],
     },
 )
