@@ -55,12 +55,14 @@ METRIC_DIRECTION: dict[str, int] = {
     "causal.steer.delta_at_kl": -1,
     "ground_truth.mcc": +1,
     "ground_truth.f1": +1,
+    "ground_truth.feature_recovery": +1,
+    "ground_truth.feature_f1": +1,
 }
 # exploratory metrics compared between every method and its matched random control (the primary ones come from the
 # suite's VerdictPlan)
 SECONDARY_METRICS = ("detection.auroc", "detection.auroc_best_latent", "detection.auroc_hard",
                      "retrieval.precision@10", "probing.onehot_retention_norm", "sparse_probing.acc@1",
-                     "causal.ablate.delta_logit_diff", "ground_truth.mcc", "ground_truth.f1")
+                     "causal.ablate.delta_logit_diff", "ground_truth.feature_recovery", "ground_truth.feature_f1")
 # causal metric -> the control measured on the same prompts by the same artefact: random directions of the artefact's
 # K, one selected per answer by the same train-prompt rule (metrics.causal)
 CONTROL_OF: dict[str, str] = {

@@ -111,7 +111,7 @@ def test_row_fields_match_metric_row():
 
 def test_published_yaml_matches_spec_table():
     pubs = load_published()
-    assert all(e.source.startswith("Rumbelow, Exemplar Partitioning") for e in pubs)
+    assert all(e.source.startswith("Rumbelow, Exemplar Partitioning") for e in pubs if e.table != "synthsaebench")
     got = {(e.model, e.layer, e.p, e.metric): e.value for e in pubs if e.table == "ep_size"}
     if not SPEC.exists():
         pytest.skip("spec not available to cross-check")

@@ -23,7 +23,7 @@ from bench.report.plots import curve_points, make_plots, plot_metric_vs_k
 from bench.report.published import load_published, paper_md  # noqa: F401
 from bench.report.tables import family_md, header_md, headline_md, primary_concept_set  # noqa: F401
 from bench.report.verdicts import (
-    baselines_md, bottom_line, budgets_md, exploratory_md, primary_md, scorecard_md, seeds_md,
+    baselines_md, bottom_line, budgets_md, exploratory_md, ground_truth_md, primary_md, scorecard_md, seeds_md,
 )
 from bench.verdict import artefact_table, load_cells, plan_of, unit_table, verdicts_and_refusals
 
@@ -58,6 +58,7 @@ def write_report(run_dir: Path) -> Path:
               "built at EP's sizes as one line over them, single-size artefacts as points; 95% intervals over the "
               "same clusters the verdicts use."), ""]
     page += [f"![{m} vs K]({path})" for m, path in curves.items()] + [""] if curves else ["(no per-unit rows)", ""]
+    page += ground_truth_md(df, published)
     page += scorecard_md(claims, "all models" if per_model else "")
     for m, (_, claims_m) in per_model.items():
         page += scorecard_md(claims_m, m)

@@ -251,3 +251,36 @@ def seeds_md(cells: list[dict[str, Any]]) -> list[str]:
                   "average each unit over seeds first).", "",
                   md_table(["method", "L", "metric", "setting", "seeds", "mean", "std", "range"], body,
                            right=(1, 4, 5, 6)), ""]
+
+
+GROUND_TRUTH_COLUMNS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_fraction")
+
+
+def ground_truth_md(df: pd.DataFrame, published: list[Any]) -> list[str]:
+    """The ground-truth table of a synthetic-model run: per dictionary, mean ± std over fit seeds of each
+    `ground_truth.*` quantity, and SynthSAEBench's published rows beside them, labelled (never in their place)."""
+    gt = df[df["metric"].isin([f"ground_truth.{c}" for c in GROUND_TRUTH_COLUMNS])]
+    if gt.empty:
+        return []
+    out = ["## Ground truth: recovery of the synthetic model's true features", "",
+           ("Per dictionary (rows of `metrics/ground_truth.py`: SAEs through sae-lens' own synthetic evaluation, every "
+            "other artefact through our tested recomputation; EP's readout in its rows' detail), mean ± std over fit "
+            "seeds. The published rows are SynthSAEBench's, on SynthSAEBench-16k itself at its budget: labelled, "
+            "never ours."), ""]
+    body = []
+    for (model, method), g in gt.groupby(["model", "method"], sort=False):
+        cells = []
+        for c in GROUND_TRUTH_COLUMNS:
+            v = g.loc[g["metric"] == f"ground_truth.{c}", "value"].astype(float)
+            cells.append(MISSING if v.empty else fmt_num(v.mean()) + (f" ± {v.std():.3f}" if len(v) > 1 else ""))
+        K = df[(df["method"] == method) & (df["metric"] == "build.K")]["value"]
+        body.append([model, method, fmt_num(K.mean()) if len(K) else MISSING, str(g["seed"].nunique()), *cells])
+    for e in published:
+        if getattr(e, "table", "") != "synthsaebench" or not e.metric.endswith(".f1"):
+            continue
+        vals = {x.metric.split(".")[-1]: x.value for x in published
+                if x.table == e.table and x.method == e.method}
+        body.append([f"published: {e.model}", f"{e.method} (width 4096, L0 25, 200M samples)", "4,096", "—",
+                     *[MISSING if vals.get(c) is None else fmt_num(vals[c]) for c in GROUND_TRUTH_COLUMNS]])
+    return out + [md_table(["model", "dictionary", "K", "seeds", *GROUND_TRUTH_COLUMNS], body,
+                           right=(2, 3, 4, 5, 6, 7, 8, 9)), ""]

@@ -113,7 +113,7 @@ class MethodSpec:
 
     # --- method strings (`epbench run --method ...`): parse and its inverse ----------------------------------
     # Keys of a method string that set MethodSpec fields, not method config parameters, and how each is read.
-    SPEC_KEYS = ("match_to", "match_p", "seeds", "k_per_width", "rows_as_target", "label")
+    SPEC_KEYS = ("match_to", "match_p", "seeds", "match_seeds", "k_per_width", "rows_as_target", "label")
 
     @staticmethod
     def _single_string(key: str, value: str) -> bool:
@@ -143,6 +143,16 @@ class MethodSpec:
             except (ValueError, ZeroDivisionError):
                 raise ValueError(f"method spec {text!r}: k_per_width must be a number or a fraction such as 1/64, "
                                  f"not {value!r}") from None
+        if key == "match_seeds":  # `1:0/2:0/1`: EP target p, then that target's seeds
+            out: dict[float, list[int]] = {}
+            for part in value.split("/"):
+                p, _, seed = part.partition(":")
+                try:
+                    out.setdefault(float(p), []).append(int(seed))
+                except ValueError:
+                    raise ValueError(f"method spec {text!r}: match_seeds takes p:seed pairs separated by `/` (e.g. "
+                                     f"match_seeds=1:0/2:0), not {value!r}") from None
+            return out
         if key == "rows_as_target":
             v = _parse_value(value)
             if not isinstance(v, bool):
@@ -198,7 +208,8 @@ class MethodSpec:
         if match and not fields.get("match_to"):
             raise ValueError(f"method spec {text!r}: {name}@{match} copies another spec's budget: name it with "
                              f"match_to, e.g. {name}@{match}:match_to=ep (labels separated by `/`)")
-        if not match and any(k in fields for k in ("match_to", "match_p", "k_per_width", "rows_as_target")):
+        if not match and any(k in fields for k in ("match_to", "match_p", "match_seeds", "k_per_width",
+                                                    "rows_as_target")):
             raise ValueError(f"method spec {text!r}: match_to / match_p / k_per_width / rows_as_target belong to a "
                              f"budget-matched spec: write {name}@K:... or {name}@tokens:...")
         label = fields.pop("label", None)
@@ -222,6 +233,9 @@ class MethodSpec:
             items.append(f"match_p={fmt(self.match_p)}")
         if self.seeds:
             items.append(f"seeds={fmt(self.seeds)}")
+        if self.match_seeds:
+            items.append("match_seeds=" + "/".join(f"{float(p):g}:{seed}" for p, seeds in self.match_seeds.items()
+                                                    for seed in seeds))
         if self.k_per_width is not None:
             items.append(f"k_per_width={fmt(float(self.k_per_width))}")
         if self.rows_as_target:

@@ -18,7 +18,7 @@ quadratic L0 penalty had not yet pulled L0 down: the NMSE rule does not watch L0
 k-means k=512 19 s; PCA, random < 1 s; scoring one artefact 2-6 s (EP p=1: 33 s). The whole grid: ~45-60 min.
 """
 
-from bench.suites import MethodSpec, Suite
+from bench.suites import MethodSpec, MetricPair, Suite, VerdictPlan
 
 SEEDS = [0, 1, 2]
 WIDTH, K = 512, 8  # SynthSAEBench's width 4096 / k 25 scaled to synth-cpu
@@ -56,4 +56,9 @@ SUITE = Suite(
     prompt_sets=[],
     ood_sets=[],
     evidence="synthetic ground truth at 1/8 of SynthSAEBench-16k's scale, reduced training budget, 3 seeds",
+    # primary: EP vs the BatchTopK SAE and k-means at EP's K, paired over the true features
+    verdicts=VerdictPlan(primary_metrics=[
+        MetricPair("true-feature recovery (best |cos| of any latent)", "ground_truth.feature_recovery"),
+        MetricPair("true-feature F1 (best matched latent)", "ground_truth.feature_f1"),
+    ]),
 )
