@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test bench clean-venv
+.PHONY: install run test test-gemma bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,10 @@ run: install
 	$(VENV)/bin/epbench run --suite default
 
 test: install
-	$(PY) -m pytest -q tests bench --suite smoke
+	$(PY) -m pytest -q tests bench --suite smoke -m "not gemma3"
+
+test-gemma: install  # the real gemma-3-270m weights against Hugging Face (CI runs it after `make test`)
+	$(PY) -m pytest -q tests/test_gemma3.py
 
 bench: install
 	$(PY) -m bench.benchmarks

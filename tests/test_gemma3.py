@@ -25,7 +25,8 @@ import math
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # ~1 min on 2 busy cores (+ ~2 min to build the fp32 cache once); run by default
+# ~1 min on 2 busy cores (+ ~2 min to build the fp32 cache once): `make test-gemma` (CI runs it after `make test`)
+pytestmark = [pytest.mark.slow, pytest.mark.gemma3]
 
 LAYERS = [0, 5, 11, 17]  # 5, 11 and 17 are the global-attention layers; the rest slide over 512 tokens
 SENTENCES = [
