@@ -70,3 +70,16 @@ def fake_gguf_build(monkeypatch) -> list:
 
     monkeypatch.setattr(models, "_build_gguf_cache", build)
     return calls
+
+
+def fake_hub_repo(hub, monkeypatch):
+    """An empty offline Hugging Face cache at `hub` holding google/gemma-2-2b's folders; returns (repo, snapshot)."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    repo_dir = hub / "models--google--gemma-2-2b"
+    snap = repo_dir / "snapshots" / ("a" * 40)
+    (repo_dir / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("a" * 40)
+    return repo_dir, snap

@@ -402,14 +402,7 @@ def test_hub_tokenizer_files_are_verified_against_their_git_address(tmp_path, ca
     import hashlib
 
     hub = tmp_path / "hub"
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    repo_dir = hub / "models--google--gemma-2-2b"
-    snap = repo_dir / "snapshots" / ("a" * 40)
-    (repo_dir / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("a" * 40)
+    repo_dir, snap = fakes.fake_hub_repo(hub, monkeypatch)
     files = [("model-00001.safetensors", b"weights one", "sha256"), ("config.json", b"{}", "git"),
              ("tokenizer_config.json", b'{"add_bos_token": true}', "git")]
     for name, content, kind in files:

@@ -77,14 +77,7 @@ def test_hub_identity_verifies_content_addressed_blobs(tmp_path, monkeypatch):
     """A faked HF cache: snapshot files are links to blobs named by their sha256."""
     hub = tmp_path / "hub"
     monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    repo_dir = hub / "models--google--gemma-2-2b"
-    snap = repo_dir / "snapshots" / ("a" * 40)
-    (repo_dir / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("a" * 40)
+    repo_dir, snap = fakes.fake_hub_repo(hub, monkeypatch)
     for name, content in [("model-00001.safetensors", b"weights one"), ("config.json", b"{}")]:
         import hashlib
 
