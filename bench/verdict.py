@@ -217,7 +217,7 @@ def artefact_table(cells: Iterable[dict[str, Any]], per_seed: bool = False) -> p
     return df
 
 
-def plan_of(run_dir: Path | None, cells: list[dict[str, Any]] | None = None) -> VerdictPlan:
+def plan_of(run_dir: Path | None) -> VerdictPlan:
     """The suite's VerdictPlan as recorded in run.json (the default plan for runs that recorded none)."""
     cfg: dict[str, Any] = {}
     if run_dir is not None and (Path(run_dir) / "run.json").exists():
@@ -467,7 +467,9 @@ def verdicts_and_refusals(run_dir: Path | None, cfg: VerdictConfig | None = None
                 refused.append(Refused(comp.a, comp.b, comp.metric, "K outside the tolerance at every layer ("
                                        + "; ".join(notes) + ")"))
             continue  # never measured together on this metric (e.g. causal on a few artefacts only)
-        if comp.metric in NEEDS_CLUSTERS and not units.loc[units["metric"] == comp.metric, "clustered"].all():
+        sides = {m for pair in (comp.pairs or [(comp.a, comp.b)]) for m in pair if m != CONTROL}
+        mine = units[(units["metric"] == comp.metric) & units["method"].isin(sides)]
+        if comp.metric in NEEDS_CLUSTERS and not mine["clustered"].all():  # only the compared methods' rows
             refused.append(Refused(comp.a, comp.b, comp.metric, "its rows record no clusters (cells written before "
                                    "causal prompts were clustered by the direction used): units are not independent"))
             continue
