@@ -92,9 +92,9 @@ def claim_saturation(df: pd.DataFrame) -> ClaimResult:
     if sat.empty:
         return ClaimResult(claim, pub, crit, "no EP build at p >= 8 in this run", NOT_TESTABLE, "add p=8 or 10")
     tokens = _ep(df, "build.tokens")
-    tok = tokens.set_index(["method", "layer"])["value"]
+    tok = tokens.groupby(["method", "layer"])["value"].first()  # two specs may build the same label (ep, ep:p=8)
     store = tokens.groupby("layer")["value"].max()  # the most any percentile read: the store, unless all saturated
-    K = _ep(df, "build.K").set_index(["method", "layer"])["value"]
+    K = _ep(df, "build.K").groupby(["method", "layer"])["value"].first()
     early = {(r.method, r.layer): bool(r.value) and tok.get((r.method, r.layer)) < store[r.layer]
              for r in sat.itertuples()}
     parts = [f"{m} L{L}: K {_fmt(K.get((m, L)))} after {_fmt(tok.get((m, L)))} tokens "

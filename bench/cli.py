@@ -1,16 +1,53 @@
-"""`epbench` command line: extract, build, score, run, report (also `python -m bench`)."""
+"""`epbench` command line: extract, build, score, run, report, browse, export (also `python -m bench`).
+
+Exit status: 0 done; 2 the command line is wrong (a usage error: unknown name, bad value, missing input named on it),
+nothing was started; 1 the command was valid but failed while working (disk full, a damaged file found on the way,
+an unreachable cluster), finished work kept. One flag name per concept in every subcommand: `--model(s)`,
+`--layer(s)`, `--method(s)` (singular and plural spellings are aliases).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 DEFAULT_STORE_TOKENS = 200_000
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+class UsageError(Exception):
+    """The command line is wrong (exit 2): raised while checking arguments, before any work starts."""
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Errors raised inside are the command line's fault (the checks that run before any work): UsageError."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, KeyError, LookupError, FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from None
+
+
+def version_text() -> str:
+    """`epbench --version`: the package version and the git commit of the checkout it runs from."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from bench.runner import git_commit
+
+    try:
+        v = version("epbench")
+    except PackageNotFoundError:
+        v = "unknown (not installed: pip install -e .)"
+    return f"epbench {v} (commit {git_commit()})"
 
 
 def _positive_int(text: str) -> int:
@@ -34,7 +71,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "category, split)")
     p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
                    help="causal prompt sets: shipped names (country_capital, ...) or PATH.jsonl files of "
-                        "prompt, target, contrast")
+                        "prompt, target, contrast (used whole unless --max-prompts)")
+    p.add_argument("--max-prompts", type=_positive_int, default=None, metavar="N",
+                   help="a seeded sample of N written prompts per prompt set (printed in the report); default: "
+                        "every prompt of a --prompts file, the suite's own cap for its shipped sets")
 
 
 def _add_store_args(p: argparse.ArgumentParser, layers: bool = True, defaults: bool = True) -> None:
@@ -43,7 +83,8 @@ def _add_store_args(p: argparse.ArgumentParser, layers: bool = True, defaults: b
     d = STORE_DEFAULTS if defaults else dict.fromkeys(STORE_DEFAULTS)
     p.add_argument("--model", default="smollm2-135m", help="registered model name (default: smollm2-135m)")
     if layers:
-        p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to capture (resid_post)")
+        p.add_argument("--layers", "--layer", dest="layers", type=int, nargs="+", required=True,
+                       help="layers to capture (resid_post)")
     p.add_argument("--corpus", default="default", help="corpus spec: default, bbc, wordnet, jsonl:PATH, hf:NAME")
     p.add_argument("--max-docs", type=_positive_int, default=None,
                    help="use the first N documents of the corpus (required for a streamed hf: dataset)")
@@ -57,6 +98,17 @@ def _add_store_args(p: argparse.ArgumentParser, layers: bool = True, defaults: b
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+class _Version(argparse.Action):
+    """--version, computed only when asked (it reads the git commit)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *a: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from bench.store import ExtractionRequest, extract
 
@@ -64,7 +116,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                             ctx_len=args.ctx_len, dtype=args.dtype, seed=args.seed, max_docs=args.max_docs)
     t0 = time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    store = extract(req, root=args.store_dir, force=args.force, progress=not args.quiet, device=args.device)
+    with usage_errors():  # a request the model or corpus cannot serve; I/O failures stay runtime errors
+        store = extract(req, root=args.store_dir, force=args.force, progress=not args.quiet, device=args.device)
     dt = time.time() - t0
     m = store.manifest
     mb = m["bytes"] / 2**20
@@ -129,22 +182,24 @@ def cmd_build(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if not args.method or args.layer is None:
         args.build_parser.error("--method and --layer are required (see epbench build --method NAME --help)")
-    cls = get_method(args.method)
-    params = vars(config_parser(cls.config_cls, f"epbench build --method {args.method}").parse_args(extra))
-    cls(**params)  # validate the parameters before any extraction
-    check_method_device(args.method, params)
+    with usage_errors():
+        cls = get_method(args.method)
+        params = vars(config_parser(cls.config_cls, f"epbench build --method {args.method}").parse_args(extra))
+        cls(**params)  # validate the parameters before any extraction
+        check_method_device(args.method, params)
     # a store flag that was given must hold for the store used; flags left unset accept any existing store
     given = {k: getattr(args, k) for k in STORE_DEFAULTS if getattr(args, k) is not None}
     if args.max_docs is not None:
         given["max_docs"] = args.max_docs
-    stores = find_stores(args.model, args.layer, args.store_dir, args.corpus,
-                         weights_id=weights_identity(args.model), request=given)
-    if stores:
-        store = stores[0]
-    else:
-        req = ExtractionRequest(model=args.model, layers=[args.layer], corpus=args.corpus, max_docs=args.max_docs,
-                                **{**STORE_DEFAULTS, **{k: v for k, v in given.items() if k != "max_docs"}})
-        store = extract(req, root=args.store_dir, device=args.device)
+    with usage_errors():
+        stores = find_stores(args.model, args.layer, args.store_dir, args.corpus,
+                             weights_id=weights_identity(args.model), request=given)
+        if stores:
+            store = stores[0]
+        else:
+            req = ExtractionRequest(model=args.model, layers=[args.layer], corpus=args.corpus, max_docs=args.max_docs,
+                                    **{**STORE_DEFAULTS, **{k: v for k, v in given.items() if k != "max_docs"}})
+            store = extract(req, root=args.store_dir, device=args.device)
     from bench.context import ModelContext
     from bench.suites import MethodSpec
 
@@ -208,11 +263,15 @@ def _suite_from_args(args: argparse.Namespace):
     """The named suite, narrowed by --model/--layers/--method/--metrics."""
     suite = load_suite(args.suite)
     suite = narrow_suite(suite, models=args.model, layers=args.layers, methods=args.method, metrics=args.metrics)
-    return with_data(suite, args.concepts, args.prompts)
+    return with_data(suite, args.concepts, args.prompts, args.max_prompts)
 
 
-def with_data(suite, concepts: list[str] | None = None, prompts: list[str] | None = None):
-    """A copy of `suite` evaluated on these concept-set specs and prompt sets; user files are checked now."""
+def with_data(suite, concepts: list[str] | None = None, prompts: list[str] | None = None,
+              max_prompts: int | None = None):
+    """A copy of `suite` evaluated on these concept-set specs and prompt sets; user files are checked now.
+
+    The user's prompt sets are used whole (the suite's `max_prompts` cap is for its shipped sets) unless
+    `max_prompts` asks for a seeded sample, which the report prints as "N sampled of M written"."""
     from bench.concepts import get_concept_set
     from bench.prompts import get_prompt_set
 
@@ -226,7 +285,25 @@ def with_data(suite, concepts: list[str] | None = None, prompts: list[str] | Non
         for spec in prompts:
             get_prompt_set(spec)  # an unknown name or bad file fails here
         suite.prompt_sets = list(prompts)
+        suite.max_prompts = None
+    if max_prompts is not None:
+        suite.max_prompts = max_prompts
+    if concepts or prompts:  # the suite's own line describes the data it ships, not the user's
+        mine = [f"concept sets {', '.join(_data_name(c) for c in concepts)}" if concepts else "",
+                f"prompt sets {', '.join(_data_name(p) for p in prompts)}" if prompts else ""]
+        suite.evidence = (f"the `{suite.name}` suite's grid on your data ({'; '.join(m for m in mine if m)}): the "
+                          "evidence is as strong as its n (the Evaluation data table below); with few units a `no "
+                          "detectable difference` is weak evidence of equivalence")
     return suite
+
+
+def _data_name(spec: str) -> str:
+    """A data spec as the report names it: a file by its name, not its absolute path."""
+    kind, sep, rest = spec.partition(":")
+    path = rest if sep and kind in ("jsonl", "csv", "axbench") else spec
+    return f"{kind}:{Path(path).name}" if sep and path is rest else Path(spec).name if "/" in spec else spec
+
+
 
 
 def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
@@ -273,6 +350,9 @@ def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
         for spec in specs:
             get_method(spec.method).config_cls.from_dict(spec.params)  # unknown names / bad values fail here, now
         suite.methods = specs
+        # the suite's per-family subsets cap its own grid; a spec the user added joins every family it applies to
+        added = [s.label for s in specs if s.label not in known]
+        suite.family_artefacts = {f: list(keep) + added for f, keep in suite.family_artefacts.items()}
     if metrics and metrics != ["all"]:
         suite.metrics = [m for m in METRIC_FAMILIES if m in set(metrics)]
         unknown = set(metrics) - set(METRIC_FAMILIES)
@@ -281,7 +361,14 @@ def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
     for spec in suite.methods:
         check_method_device(spec.label, spec.params)  # e.g. ep:device=cuda on a CPU-only torch: one line, now
     suite.__post_init__()
+    from bench.cells import expand_cells
+
+    if not expand_cells(suite):
+        raise ValueError(f"nothing to run: no metric family of {suite.metrics} applies to the methods "
+                         f"{[s.label for s in suite.methods]} (e.g. recon needs a method that decodes, correspondence "
+                         "EP and an SAE); pick other --metrics or --methods")
     return suite
+
 
 
 def _rejoin_paths(spec) -> None:
@@ -319,7 +406,8 @@ def check_method_device(label: str, params: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import run_suite
 
-    suite = _suite_from_args(args)
+    with usage_errors():
+        suite = _suite_from_args(args)
     run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=not args.no_report,
                     executor=args.executor, address=args.address)
     print_table(run.dir)
@@ -329,11 +417,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from bench.runner import run_suite
 
-    base = load_suite("default")
-    suite = narrow_suite(base, models=[args.model], layers=[args.layer], methods=args.methods, metrics=args.metrics)
-    suite = dataclasses.replace(suite, name="score",
-                                store_tokens=args.tokens if args.tokens is not None else base.store_tokens)
-    suite = with_data(suite, args.concepts, args.prompts)
+    with usage_errors():
+        base = load_suite("default")
+        suite = narrow_suite(base, models=[args.model], layers=args.layers, methods=args.methods,
+                             metrics=args.metrics)
+        suite = dataclasses.replace(suite, name="score",
+                                    store_tokens=args.tokens if args.tokens is not None else base.store_tokens)
+        suite = with_data(suite, args.concepts, args.prompts, args.max_prompts)
     t0 = time.time()
     run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=False)
     print_table(run.dir)
@@ -352,15 +442,24 @@ def print_table(run_dir: Path) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from bench.report import report_main
 
-    print(report_main(args.run_id, Path(args.results_dir)))
+    try:
+        print(report_main(args.run_id, Path(args.results_dir)))
+    except FileNotFoundError as e:  # no such run: the command line names what is not there
+        raise UsageError(str(e)) from None
     return 0
 
 
 def cmd_browse(args: argparse.Namespace) -> int:
     from bench.browser import BrowseConfig, browse, site_size
+    from bench.browser.site import check_out, check_run_filters, resolve_target
 
-    cfg = BrowseConfig(sample_contexts=args.sample_contexts, top_contexts=args.top_contexts,
-                       shard_features=args.shard_features, layers=args.layers, methods=args.methods)
+    with usage_errors():  # what to browse, which of it and where to write it, checked before any work
+        kind, path = resolve_target(args.target, args.results_dir)
+        check_out(Path(args.out) if args.out else path / "browser")
+        cfg = BrowseConfig(sample_contexts=args.sample_contexts, top_contexts=args.top_contexts,
+                           shard_features=args.shard_features, layers=args.layers, methods=args.methods)
+        if kind == "run":
+            check_run_filters(path, cfg)
     t0 = time.time()
     out = browse(args.target, args.out, cfg, args.results_dir)
     print(f"browser   {out / 'index.html'} ({site_size(out) / 2**20:.1f} MiB, {time.time() - t0:.0f} s); "
@@ -376,14 +475,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bench.export import export_sae_lens
     from methods.base import load_artefact
 
-    art = load_artefact(args.artefact)
-    out = export_sae_lens(art, args.out, readout=args.readout, k=args.k, basis=args.basis, source=str(args.artefact))
+    with usage_errors():  # an artefact folder, readout or k that cannot be exported (I/O failures stay runtime)
+        art = load_artefact(args.artefact)
+        out, check = export_sae_lens(art, args.out, readout=args.readout, k=args.k, basis=args.basis,
+                                     source=str(args.artefact), model_name=args.model_name)
     print(f"exported  {art.name} (K={art.K}) -> {out} (sae-lens: SAE.load_from_disk({str(out)!r}))")
+    print(f"model     cfg metadata model_name {json.loads((out / 'cfg.json').read_text())['metadata']['model_name']!r} "
+          "(--model-name sets it for the tool you load it with)")
+    print(f"quality   {check.line() if check else 'not measured: the store it was built on is not on this machine'}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="epbench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="epbench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version, help="print the version and commit, then exit")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("extract", help="capture resid_post activations into the shared store")
@@ -394,8 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("build", add_help=False,
                        help="build a method artefact from the store; other --flags set method config")
     p.add_argument("-h", "--help", action="store_true", help="this help; with --method NAME, also its options")
-    p.add_argument("--method", default=None, help="method name (built-in or plugin); required")
-    p.add_argument("--layer", type=int, default=None, help="layer to build at; required")
+    p.add_argument("--method", "--methods", dest="method", default=None,
+                   help="method name (built-in or plugin); required")
+    p.add_argument("--layer", "--layers", dest="layer", type=int, default=None, help="layer to build at; required")
     p.add_argument("--concepts", default="wordnet", help="concept set for supervised methods (diffmean)")
     p.add_argument("--out", default=None, help="artefacts root (default results/artefacts)")
     _add_store_args(p, layers=False, defaults=False)
@@ -403,9 +510,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="run a benchmark suite (resumes finished cells), then write its report")
     p.add_argument("--suite", default="default", help="suite name (bench/suites/<name>.py)")
-    p.add_argument("--model", nargs="+", default=None, help="restrict to these models")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="restrict to these layers")
-    p.add_argument("--method", nargs="+", default=None, help="restrict to / add these method specs or plugins")
+    p.add_argument("--model", "--models", dest="model", nargs="+", default=None, help="restrict to these models")
+    p.add_argument("--layers", "--layer", dest="layers", type=int, nargs="+", default=None,
+                   help="restrict to these layers")
+    p.add_argument("--methods", "--method", dest="method", nargs="+", default=None,
+                   help="restrict to / add these method specs or plugins")
     p.add_argument("--metrics", nargs="+", default=None, help="restrict to these metric families")
     _add_data_args(p)
     p.add_argument("--run-id", default=None, help="results/<run-id> (default: <suite>-<config hash>)")
@@ -418,9 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="Ray cluster address (auto, host:6379, ray://host:10001); default: start one on this machine")
 
     p = sub.add_parser("score", help="score methods on one model and layer; prints one table")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--methods", nargs="+", default=["ep:p=2", "sae", "kmeans", "pca", "random", "diffmean"])
+    p.add_argument("--model", "--models", dest="model", default="smollm2-135m")
+    p.add_argument("--layers", "--layer", dest="layers", type=int, nargs="+", required=True,
+                   help="layer(s) to score at")
+    p.add_argument("--methods", "--method", dest="methods", nargs="+",
+                   default=["ep:p=2", "sae", "kmeans", "pca", "random", "diffmean"])
     p.add_argument("--metrics", nargs="+", default=["all"])
     _add_data_args(p)
     p.add_argument("--tokens", type=_positive_int, default=None,
@@ -437,9 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("target", help="run id, run directory, or artefact directory (cfg.json or a folder of them)")
     p.add_argument("--out", default=None, help="site folder (default: <run or artefact dir>/browser)")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="only these layers")
-    p.add_argument("--methods", nargs="+", default=None, help="only these method spec or artefact labels")
-    p.add_argument("--sample-contexts", type=int, default=128, help="store contexts scanned for top contexts")
+    p.add_argument("--layers", "--layer", dest="layers", type=int, nargs="+", default=None, help="only these layers")
+    p.add_argument("--methods", "--method", dest="methods", nargs="+", default=None,
+                   help="only these method spec or artefact labels")
+    p.add_argument("--sample-contexts", type=int, default=None,
+                   help="scan only the first N store contexts for evidence (default: the whole store)")
     p.add_argument("--top-contexts", type=int, default=5, help="top-activating contexts per feature")
     p.add_argument("--shard-features", type=int, default=256, help="feature cards per lazily loaded file")
     p.add_argument("--screenshot", default=None, metavar="PNG",
@@ -452,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readout", default=None, help="readout to reproduce (default: topk for EP/k-means, else dense)")
     p.add_argument("--k", type=int, default=1, help="k of the topk readout (EP/k-means)")
     p.add_argument("--basis", default="exemplar", choices=["exemplar", "mean"], help="EP basis")
+    p.add_argument("--model-name", default=None,
+                   help="model name written into cfg.json metadata for downstream tools (default: the Hugging Face "
+                        "repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct, google/gemma-3-270m)")
 
     args, extra = parser.parse_known_args(argv)
     try:
@@ -461,13 +577,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         return {"extract": cmd_extract, "run": cmd_run, "score": cmd_score, "report": cmd_report,
                 "browse": cmd_browse, "export": cmd_export}[args.cmd](args)
+    except UsageError as e:
+        print(f"epbench: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"epbench: error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_RUNTIME
     except OSError as e:  # disk full, read-only or unwritable folders: one line naming the path and the fix
         print(f"epbench: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_RUNTIME
     except Exception as e:  # a library's I/O error that is not an OSError (safetensors on a full disk)
         from bench.cache import as_os_error
 
@@ -475,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if io_error is None:
             raise
         print(f"epbench: error: {os_error_line(io_error)}", file=sys.stderr)
-        return 2
+        return EXIT_RUNTIME
 
 
 def _output_of(args: argparse.Namespace) -> str:

@@ -104,7 +104,9 @@ class ModelContext:
             cap = self.suite.max_prompts
             if cap is not None and len(ps) > cap:  # a seeded sample of the written prompts, before filtering
                 keep = np.sort(np.random.default_rng(self.suite.seed).choice(len(ps), size=cap, replace=False))
-                ps = PromptSet(ps.name, [ps.prompts[i] for i in keep], n_written=cap)
+                print(f"[epbench] prompt set {ps.name}: a seeded sample of {cap} of its {len(ps)} prompts "
+                      "(max_prompts; --max-prompts changes it)", flush=True)
+                ps = PromptSet(ps.name, [ps.prompts[i] for i in keep], n_written=len(ps), n_sampled=cap)
             out[n] = filter_correct(ps, self.backend.score_prompts)
         return out
 
@@ -126,8 +128,9 @@ class ModelContext:
                        "truncated": cs.count_truncated(self.backend.tokenizer, self.suite.ctx_len).to_dict()}
                 for name, cs in self.concept_sets.items()}
         if "prompt_sets" in self.__dict__:
-            out["prompt_sets"] = {name: {"written": ps.n_written, "kept": ps.n_kept}
-                                  for name, ps in self.prompt_sets.items()}
+            out["prompt_sets"] = {ps.name: {"written": ps.n_written, "sampled": ps.n_sampled, "kept": ps.n_kept}
+                                  for ps in self.prompt_sets.values()}
+
         return out
 
     @cached_property
@@ -224,13 +227,35 @@ class ModelContext:
             code.update(Path(src).read_bytes() if src else repr(cls).encode())
         code.update((Path(__file__).resolve().parents[1] / "methods" / "common.py").read_bytes())
         inputs: dict[str, Any] = {"layers": sorted(self.layers), "code": code.hexdigest()}
+        files = self.loaded_files(spec)
+        if files:  # a dictionary loaded from disk is as new as its files' bytes, not its path string
+            inputs["files"] = files
         if cls.supervised:
             inputs["concept_sets"] = {
                 name: hashlib.sha256(cs.examples[["text", "concept", "category", "split"]].to_json().encode())
                 .hexdigest() for name, cs in self.concept_sets.items()}
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
+    def loaded_files(self, spec: MethodSpec) -> dict[str, str]:
+        """sha256 of every file a spec loads from disk (its `path=` / `*_path=` parameters, `{layer}` filled for each
+        suite layer; a directory: every file under it), keyed by parameter, layer and file. A path that does not
+        exist is left to the method's loader, which names it."""
+        from bench.cache import content_sha256
+
+        out: dict[str, str] = {}
+        for key, value in sorted(spec.params.items()):
+            if not (key == "path" or key.endswith("_path")) or not isinstance(value, str):
+                continue
+            for layer in sorted(self.layers):
+                where = Path(value.replace("{layer}", str(layer))).expanduser()
+                files = sorted(f for f in where.rglob("*") if f.is_file()) if where.is_dir() else \
+                    [where] if where.is_file() else []
+                for f in files:
+                    out[f"{key}@L{layer}:{f.relative_to(where) if f != where else f.name}"] = content_sha256(f)
+        return out
+
     def _load_cached(self, root: Path, spec: MethodSpec | None = None) -> dict[int, list[Artefact]] | None:
+
         """The artefacts under `root` if every one verifies, is the one its slot asks for (`_check_slot`: method,
         layer, store, label and slot stamp of `spec`) and every suite layer is there; None when absent.
 

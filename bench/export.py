@@ -91,21 +91,82 @@ def plan_export(art: Artefact, readout: str | None = None, k: int = 1, basis: st
                      f"{'topk, ' if art.method in TOPK_READOUT_METHODS else ''}{DENSE_READOUTS.get(art.method)}")
 
 
+def downstream_model_name(model: str) -> str:
+    """The name tools outside epbench load the model by (SAEBench, sae-dashboard, TransformerLens): the Hugging Face
+    repo id (`smollm2-135m` -> HuggingFaceTB/SmolLM2-135M-Instruct); an unknown name is kept."""
+    from methods.sae import MODEL_ALIASES
+
+    return next((a for a in MODEL_ALIASES.get(model, ()) if "/" in a), model)
+
+
+class ExportCheck(NamedTuple):
+    """How well the exported SAE reconstructs, measured through sae-lens on rows of the artefact's own store."""
+
+    rows: int
+    explained_variance: float
+    explained_variance_k1: float | None  # topk exports with k > 1: the same at k = 1, for comparison
+    warning: str  # "" when the export reconstructs; else why its decode is not a reconstruction
+
+    def line(self) -> str:
+        text = f"reconstruction through sae-lens on {self.rows:,} store rows: explained variance " \
+               f"{self.explained_variance:.4f}"
+        if self.explained_variance_k1 is not None:
+            text += f" (k = 1: {self.explained_variance_k1:.4f})"
+        return text + (f"; WARNING: {self.warning}" if self.warning else "")
+
+
+def check_export(sae: Any, art: Artefact, plan: ExportPlan, store_root: str | Path | None = None,
+                 max_rows: int = 4096) -> ExportCheck | None:
+    """Explained variance of the sae-lens SAE's decode(encode(x)) on up to `max_rows` rows of the store the artefact
+    was built on (None when that store is not on this machine)."""
+    from bench.store import ActivationStore, stores_root
+    from metrics.reconstruction import explained_variance
+
+    where = stores_root(store_root) / str(art.info.get("store_id"))
+    layer = art.info.get("layer")
+    if not (where / "manifest.json").exists() or layer is None:
+        return None
+    x = next(ActivationStore(where).batches(int(layer), batch_contexts=max(1, max_rows // 64))).acts[:max_rows]
+    with torch.no_grad():
+        ev = explained_variance(x, sae.decode(sae.encode(x)))
+        ev1 = None
+        if plan.readout == "topk" and plan.cfg.get("k", 1) > 1:
+            one = type(sae).from_dict({**plan.cfg, "k": 1})
+            one.load_state_dict(plan.state)
+            ev1 = explained_variance(x, one.decode(one.encode(x)))
+    warning = ""
+    if ev < 0:
+        warning = (f"the {plan.readout!r} export reconstructs worse than the mean (a readout for probing or "
+                   "browsing, not a reconstruction: do not report its loss recovered)")
+    elif ev1 is not None and ev < ev1:
+        warning = (f"k = {plan.cfg['k']} reconstructs worse than k = 1 (the directions are not orthogonal, so their "
+                   "projections double-count): for reconstruction export k = 1")
+    return ExportCheck(len(x), ev, ev1, warning)
+
+
 def export_sae_lens(art: Artefact, out: str | Path, readout: str | None = None, k: int = 1,
-                    basis: str = "exemplar", source: str | None = None) -> Path:
-    """Write `art` as a sae-lens directory at `out` (through sae-lens' own `save_model`)."""
+                    basis: str = "exemplar", source: str | None = None, model_name: str | None = None,
+                    store_root: str | Path | None = None) -> tuple[Path, ExportCheck | None]:
+    """Write `art` as a sae-lens directory at `out` (through sae-lens' own `save_model`), with its reconstruction
+    measured on the artefact's store (`check_export`; recorded in epbench_export.json). `model_name`: what the
+    cfg's metadata names the model (default: its Hugging Face repo id, which downstream tools load)."""
     from sae_lens import SAE
 
     plan = plan_export(art, readout, k, basis)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new OUT directory (nothing was written)")
+    name = model_name or downstream_model_name(str(art.info.get("model")))
+    plan.cfg.setdefault("metadata", {})["model_name"] = name
     sae = SAE.from_dict(plan.cfg)
     sae.load_state_dict(plan.state)
+    check = check_export(sae, art, plan, store_root)
     info = {"source_artefact": source, "method": art.method, "label": art.name, "readout": plan.readout,
             "basis": basis if art.method == "ep" else None, "k": k if plan.readout == "topk" else None,
-            "latents": plan.latents, "K": art.K, "provenance": {key: art.info.get(key) for key in
-                                                               ("store_id", "model", "layer", "hook", "theta", "p")}}
+            "latents": plan.latents, "K": art.K, "model_name": name, "epbench_model": art.info.get("model"),
+            "reconstruction": check._asdict() if check else None,
+            "provenance": {key: art.info.get(key) for key in ("store_id", "model", "layer", "hook", "theta", "p")}}
+
     # written into a fresh folder beside OUT and renamed into place: a full disk or a kill leaves no partial OUT
     # (which would block the rerun: OUT must be empty) and comes out as an OSError naming OUT
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,4 +183,4 @@ def export_sae_lens(art: Artefact, out: str | Path, readout: str | None = None, 
         if io_error is not None:
             raise io_error from e
         raise
-    return out
+    return out, check

@@ -55,6 +55,7 @@ class PromptSet:
     prompts: list[CausalPrompt]
     n_written: int
     n_kept: int | None = None
+    n_sampled: int | None = None  # a seeded sample of this many of the n_written prompts was used (None: all)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -342,7 +343,7 @@ def filter_correct(prompt_set: PromptSet, score_fn: ScoreFn, batch_size: int = F
     """
     n = len(prompt_set.prompts)
     if n == 0:
-        return PromptSet(prompt_set.name, [], prompt_set.n_written, 0)
+        return PromptSet(prompt_set.name, [], prompt_set.n_written, 0, prompt_set.n_sampled)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     kept = []
@@ -357,4 +358,5 @@ def filter_correct(prompt_set: PromptSet, score_fn: ScoreFn, batch_size: int = F
             raise ValueError(f"score_fn returned shapes {logit_diff.shape} and {top1.shape}; expected ({m},) each")
         keep = (logit_diff > 0) & top1.astype(bool)  # NaN compares False, so a NaN score drops the prompt
         kept += [p for p, k in zip(batch, keep) if k]
-    return PromptSet(prompt_set.name, kept, prompt_set.n_written, len(kept))
+    return PromptSet(prompt_set.name, kept, prompt_set.n_written, len(kept), prompt_set.n_sampled)
+

@@ -40,7 +40,13 @@ def git_commit() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    """Run provenance (run.json): platform, CPU (model name, family/model/stepping, SIMD flags, caches), threads, the
+    BLAS torch uses (MKL or OpenBLAS, version, code-path settings) and CUDA. A trained SAE reproduces bit for bit only
+    on the same CPU, BLAS and thread count (README, Reproducibility); EP, k-means and PCA rows do elsewhere too."""
+    from bench.reproducibility import platform_summary
+
+    cpu = {k: v for k, v in platform_summary().items() if v is not None}
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **cpu,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

@@ -108,6 +108,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+LOADED_SOURCES = ("pretrained", "disk")  # info["source"] of a dictionary loaded, not built here (training unknown)
+
+
 @dataclasses.dataclass
 class Cost:
     """What building (or encoding with) a method consumed."""
@@ -149,7 +152,12 @@ class Artefact(ABC):
         self.tensors = tensors
         self.info = info  # provenance: store id, model, layer, hook, cost, versions, method-specific stats
 
+    def config_record(self) -> dict[str, Any]:
+        """The config the metric rows record (`method_config`): what this artefact is. Default: its config."""
+        return self.config.to_dict()
+
     # --- geometry -------------------------------------------------------------------------------------
+
     @property
     @abstractmethod
     def directions(self) -> torch.Tensor:

@@ -10,7 +10,9 @@ Two ways to get an SAE over one hook:
   converts it to sae-lens' inference form (TopK decoder norms folded; BatchTopK saved as JumpReLU). The training
   pool is the store minus its held-out tail (heldout_frac of contexts), or with `token_budget` the store prefix
   EP reads first. The artefact keeps the training curve (info["training"]["curve"]), why it stopped, the budget
-  (info["budget"]) and the final held-out explained variance (info["explained_variance"]).
+  (info["budget"]) and the final held-out explained variance (info["explained_variance"]). Training is
+  bit-identical for the same store, seed, CPU, BLAS and thread count; info["training"]["reproducibility"] records
+  those (the README's Reproducibility section says what to expect elsewhere).
 
 Either way the artefact keeps only plain tensors (W_enc [d, K], W_dec [K, d], b_enc, b_dec, threshold for
 JumpReLU) plus JSON info, and encodes with its own torch code, so reading a saved artefact needs no sae-lens.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import re
 import time
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from methods.base import Artefact, Method, MethodConfig
+from methods.base import LOADED_SOURCES, Artefact, Method, MethodConfig
 from methods.common import PeakMemory, stream_rows, tokens_behind
 
 if TYPE_CHECKING:
@@ -91,6 +94,9 @@ class SAEConfig(MethodConfig):
     dead_feature_window: int = 1000  # steps without firing before a latent counts as dead (TopK aux loss)
     normalize_activations: str = "expected_average_only_in"  # rows scaled to mean norm sqrt(d), folded in; or none
     seed: int = 0  # weight init, store shuffle and mixing-buffer order
+    train_threads: int | None = None  # torch CPU threads while training (restored after); None: the process's.
+    # Recorded either way (info training.reproducibility). MKL promises equal results only at a fixed count; on the
+    # AMD EPYC / MKL 2024.2 measured, 1 and 2 threads train the same SAE bit for bit (python -m bench.reproducibility)
     device: str | None = None  # None: CUDA when available
     progress: bool = True  # our per-batch row bar (sae-lens' trainer shows its own, updated every 100 steps)
 
@@ -126,6 +132,17 @@ class SAEConfig(MethodConfig):
         if self.init_b_dec not in ("mean", "zeros") or not 0 < self.dense_threshold < 1:
             raise ValueError(f"need init_b_dec in (mean, zeros) and 0 < dense_threshold < 1, got "
                              f"{self.init_b_dec!r}, {self.dense_threshold}")
+        if self.train_threads is not None and self.train_threads < 1:
+            raise ValueError(f"train_threads must be >= 1 (or None: the process's thread count), "
+                             f"got {self.train_threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, but `train_threads` only when set: a config from before the field existed records (rows'
+        method_config, cfg.json) the same text, so a rerun's rows compare equal to the committed reference's."""
+        d = super().to_dict()
+        if d["train_threads"] is None:
+            del d["train_threads"]
+        return d
 
 
 class SAEArtefact(Artefact):
@@ -145,6 +162,24 @@ class SAEArtefact(Artefact):
     @property
     def architecture(self) -> str:
         return self.info["architecture"]
+
+    @property
+    def loaded(self) -> bool:
+        """Loaded (a pretrained release or a directory on disk), not trained here: the training fields of its
+        config never applied to it, and what it cost to train is unknown unless published."""
+        return self.info.get("source") in LOADED_SOURCES
+
+    def config_record(self) -> dict[str, Any]:
+        """A loaded SAE records where it came from and its own shape (read from the file), not the suite's training
+        defaults (width 4096, k 32 for a 1,024-latent, k 16 SAE)."""
+        if not self.loaded:
+            return super().config_record()
+        cfg = self.config.to_dict()
+        where = {"release": cfg["release"], "sae_id": self.info.get("sae_id")} if cfg["release"] else \
+            {"path": self.info.get("path", cfg["path"])}
+        return {**where, "allow_model_mismatch": cfg["allow_model_mismatch"], "architecture": self.architecture,
+                "width": self.K, "k": self.info.get("k")}
+
 
     @property
     def directions(self) -> torch.Tensor:
@@ -631,20 +666,30 @@ class HeldoutStats(NamedTuple):
     never_fired_fraction: float  # latents active on none of the rows
 
 
+def _row_total(per_row: torch.Tensor) -> float:
+    """The exactly rounded sum (math.fsum) of per-row values: independent of their order and of the thread count."""
+    return math.fsum(per_row.double().cpu().tolist())
+
+
 @torch.no_grad()
 def heldout_stats(encode: Any, decode: Any, x_ND: torch.Tensor, dense_threshold: float,
                   chunk: int = 4096) -> HeldoutStats:
-    """Held-out reconstruction and sparsity of an encode/decode pair, in row chunks to bound memory."""
-    err = active = fires = 0.0
+    """Held-out reconstruction and sparsity of an encode/decode pair, in row chunks to bound memory.
+
+    Sums are per row, then over rows exactly (`_row_total`), so the NMSE (and the stopping rule reading it) is the
+    same float at any thread count: a flat `.sum()` over a chunk splits across threads, and its last bits (1e-7 of
+    the held-out EV here) then depend on how many there are."""
+    err = var = active = fires = 0.0
+    mean = x_ND.double().mean(0)
     for i in range(0, x_ND.shape[0], chunk):
         x = x_ND[i : i + chunk]
         f = encode(x)
-        err += float((x - decode(f)).pow(2).sum())
+        err += _row_total((x - decode(f)).pow(2).sum(1))
+        var += _row_total((x.double() - mean).pow(2).sum(1))
         on = f != 0
         active += float(on.sum())
         fires = fires + on.sum(0)
     n = x_ND.shape[0]
-    var = float((x_ND.double() - x_ND.double().mean(0)).pow(2).sum())
     nmse = err / var if var > 0 else float("inf")
     rate = fires / n
     return HeldoutStats(nmse, 1.0 - nmse, active / n, float((rate > dense_threshold).float().mean()),
@@ -690,6 +735,50 @@ def _linear_decay(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / steps))
 
 
+REPRODUCES = ("bit-identical on the same CPU (model and stepping), BLAS build, thread count, store "
+              "(activations_sha256) and seed; on another CPU or BLAS code path training diverges from its first "
+              "steps: expect its metrics within the seed spread, not equal (README, Reproducibility)")
+
+
+@contextlib.contextmanager
+def _reproducible_training(threads: int | None) -> Iterator[dict[str, Any]]:
+    """While training: `threads` torch CPU threads (None: the process's) and torch's deterministic algorithms (an op
+    that has a deterministic variant uses it; warn_only: one without warns rather than fails), both restored after.
+    Yields what the artefact records: the thread count, the CPU and the BLAS (bench.reproducibility)."""
+    import torch.utils.deterministic as det
+
+    from bench.reproducibility import blas_info, cpu_info
+
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False  # NaN-filling every new tensor (a debugging aid) cost ~10% of training
+    try:
+        yield {"threads": torch.get_num_threads(), "deterministic_algorithms": True, "cpu": cpu_info(),
+               "blas": blas_info(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               "reproduces": REPRODUCES}
+    finally:
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        det.fill_uninitialized_memory = before[3]
+        torch.set_num_threads(before[0])
+
+
+def activations_sha256(store: "ActivationStore", layer: int) -> str | None:
+    """sha256 over the sha256 of the layer's (and the row metadata's) shard files, in shard order: two stores with
+    the same id extracted on two machines hold bit-identical activations exactly when this agrees."""
+    shards = getattr(store, "_shards", None)
+    if not shards:
+        return None
+    h = hashlib.sha256()
+    for sh in shards:
+        for rel, meta in sorted(sh["files"].items()):
+            if rel.startswith((f"L{layer:02d}/", "meta/")):
+                h.update(f"{rel}:{meta['sha256']}\n".encode())
+    return h.hexdigest()
+
+
 def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEArtefact:
     """Train an sae-lens SAE with sae-lens' SAETrainer on store rows until held-out convergence or the cap.
 
@@ -718,7 +807,8 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
                desc=f"train {cfg.architecture} SAE w{cfg.width} on {store.model} L{layer}")
     curve: dict[str, list[float | None]] = {name: [] for name in CURVE_COLUMNS}
     stop_reason, decay_start, eval_seconds, n_evals = "", None, 0.0, 0
-    with PeakMemory(device) as mem, torch.random.fork_rng(devices=cuda_devices):
+    with PeakMemory(device) as mem, torch.random.fork_rng(devices=cuda_devices), \
+            _reproducible_training(cfg.train_threads) as repro:
         # fork_rng keeps the seeding (init, mixing-buffer randperm) local to this fit
         torch.manual_seed(cfg.seed)
         sae = _training_sae(cfg, d, device, store, layer)
@@ -826,7 +916,9 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
                   "rows_per_second": trained / max(wall - eval_seconds, 1e-9),
                   "flops_train": flops_train, "flops_eval": flops_eval,
                   "flops_formula": "12 * rows_trained * width * d + evals * 4 * heldout_rows * width * d",
-                  "trainer": "sae_lens.training.sae_trainer.SAETrainer", "curve": curve},
+                  "trainer": "sae_lens.training.sae_trainer.SAETrainer", "curve": curve,
+                  "reproducibility": {**repro, "seed": cfg.seed, "device": device,
+                                      "activations_sha256": activations_sha256(store, layer)}},
         published_training_tokens=None,
         cost={"rows": meter.rows, "tokens": meter.tokens, "flops": flops_train + flops_eval,
               "wall_seconds": wall, "peak_memory_bytes": mem.peak, "device": device},

@@ -46,7 +46,7 @@ def row(artefact: Artefact, metric: str, value: float, ci: tuple[float, float] =
     info = artefact.info
     return MetricRow(
         method=artefact.name,
-        method_config=json.dumps(artefact.config.to_dict(), sort_keys=True, default=str),
+        method_config=json.dumps(artefact.config_record(), sort_keys=True, default=str),
         model=str(info.get("model", "")),
         layer=int(layer if layer is not None else info.get("layer", -1)),
         metric=metric,

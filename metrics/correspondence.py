@@ -154,8 +154,9 @@ def correspondence_metrics(
     live_b = np.asarray(B.sum(axis=1)).ravel() > 0
     if extras is not None:
         extras.update(best_f1=best_a[live_a], reverse_best_f1=best_b[live_b])
-    detail = (f"vs {reference.name}; top-{top_n} of {n_inputs} {unit}s; readouts {readouts[0]}/{readouts[1]}; "
-              f"non-empty features {int(live_a.sum())}/{artefact.K} and {int(live_b.sum())}/{reference.K}")
+    detail = (f"vs {reference.name}; top_n={top_n}, pool={n_inputs}, pool_unit={unit}; readout_a={readouts[0]}, "
+              f"readout_b={readouts[1]}; nonempty_a={int(live_a.sum())}, K_a={artefact.K}, "
+              f"nonempty_b={int(live_b.sum())}, K_b={reference.K}")
     return [
         mean_row(artefact, "correspondence.share_f1>0.5", (best_a[live_a] > F1_MATCH).astype(float),
                  seed=seed, detail=detail),

@@ -22,20 +22,32 @@ import time
 import numpy as np
 import torch
 
-from methods.base import Artefact
+from methods.base import LOADED_SOURCES, Artefact
 from metrics.common import MetricRow, bootstrap_ci, row
 
 BUILD_FIELDS = (("tokens", "tokens"), ("rows", "rows"), ("flops", "flops"), ("wall_seconds", "wall_seconds"),
                 ("peak_memory_bytes", "peak_memory_bytes"))
 
 
+def training_unknown(artefact: Artefact) -> bool:
+    """A dictionary loaded rather than built here (a pretrained release, a directory on disk) whose training budget
+    is not published: its tokens, rows and FLOPs are unknown, never 0 (which would read as free)."""
+    info = artefact.info
+    return info.get("source") in LOADED_SOURCES and info.get("published_training_tokens") is None
+
+
 def build_cost_rows(artefact: Artefact, seed: int = 0) -> list[MetricRow]:
-    """One row per field of the artefact's recorded build cost."""
+    """One row per field of the artefact's recorded build cost (NaN: unknown, for a loaded SAE's training)."""
     c = artefact.cost
     detail = f"device {c.device}"
-    if "published_training_tokens" in artefact.info:
-        detail += "; pretrained: build cost = loading it (see cost.token_ratio_sae_over_ep for training)"
-    return [row(artefact, f"cost.build.{name}", float(getattr(c, attr)), n=1, seed=seed, detail=detail)
+    unknown = training_unknown(artefact)
+    if artefact.info.get("source") in LOADED_SOURCES:
+        detail += ("; loaded: its training budget is unknown (not published), wall time and memory are loading it"
+                   if unknown else "; pretrained: build cost = loading it (see cost.token_ratio_sae_over_ep for "
+                   "training)")
+    return [row(artefact, f"cost.build.{name}",
+                float("nan") if unknown and name in ("tokens", "rows", "flops") else float(getattr(c, attr)),
+                n=1, seed=seed, detail=detail)
             for name, attr in BUILD_FIELDS]
 
 
@@ -62,8 +74,8 @@ def encode_throughput(artefact: Artefact, acts_ND: torch.Tensor, readout: str | 
             artefact.encode(acts_ND, **kw)
             _sync(acts_ND.device)
             rates.append(len(acts_ND) / max(time.perf_counter() - t0, 1e-9))
-    detail = f"{len(acts_ND)} rows x d {acts_ND.shape[1]}; readout {readout or 'default'}; {acts_ND.device}; " \
-             f"torch threads {torch.get_num_threads()}"
+    detail = f"{acts_ND.device}; rows={len(acts_ND)}, d={acts_ND.shape[1]}; readout={readout or 'default'}; " \
+             f"torch_threads={torch.get_num_threads()}"
     return [row(artefact, "cost.encode_rows_per_s", statistics.median(rates),
                 bootstrap_ci(rates, stat=np.median, seed=seed), n=repeats, seed=seed, detail=detail)]
 
@@ -86,7 +98,10 @@ def training_budget(artefact: Artefact) -> tuple[float, float, str]:
             return tokens, float(info["published_training_flops"]), "published SAE tokens and FLOPs"
         flops = 12.0 * artefact.d_model * artefact.K * tokens
         return tokens, flops, "published SAE tokens; FLOPs estimated as 12*d*K per token"
+    if training_unknown(artefact):
+        return float("nan"), float("nan"), "training budget unknown (a loaded SAE that publishes none)"
     c = artefact.cost
+
     return float(c.tokens), float(c.flops), "measured build cost"
 
 

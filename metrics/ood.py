@@ -122,7 +122,7 @@ def ood_metrics(
         all_units = np.arange(n_in + n)
         rows.append(row(artefact, "ood.auroc", stat(all_units),
                         bootstrap_ci(all_units, stat=stat, n_boot=n_boot, seed=seed), n=len(scores), seed=seed,
-                        detail=f"{name}; score = {score_note}; {len(d_in)} in vs {len(d)} OOD rows"))
+                        detail=f"{name}; score = {score_note}; rows_in={len(d_in)}, rows_ood={len(d)}"))
     if artefact.method == "ep":
         th = _theta(artefact, theta)
         for name, (d, unit, n) in corpora.items():

@@ -149,8 +149,8 @@ def reconstruction_metrics(
     n_tok = int(cnt.sum())
     n_p = max(int(n_pred.sum()), 1)
     mean_ce = {k: v.sum() / n_p for k, v in ce.items()}
-    detail = (f"hook {hook_name}; {n_t} texts, {n_tok} tokens (BOS excluded); readout {ro}; CE clean "
-              f"{mean_ce['clean']:.4f}, recon {mean_ce['recon']:.4f}, zero-ablation {mean_ce['zero']:.4f}")
+    detail = (f"hook {hook_name}; texts={n_t}, tokens={n_tok}; readout={ro}; ce_clean={mean_ce['clean']:.4f}, "
+              f"ce_recon={mean_ce['recon']:.4f}, ce_zero_ablation={mean_ce['zero']:.4f}; tokens exclude BOS")
     out = []
     for metric, fn in (("recon.mse", mse), ("recon.explained_variance", ev), ("recon.loss_recovered", loss_rec)):
         out.append(row(artefact, metric, fn(all_i), bootstrap_ci(all_i, stat=fn, seed=seed), n=n_t, seed=seed,

@@ -86,7 +86,7 @@ def test_sae_lens_loads_every_export_without_epbench_and_matches_epbench(fitted,
     store, arts, x, root = fitted
     dirs = []
     for i, (m, kw) in enumerate(CASES):
-        dirs.append(export_sae_lens(arts[m], root / f"out{i}", **kw))
+        dirs.append(export_sae_lens(arts[m], root / f"out{i}", **kw)[0])
     np.save(root / "x.npy", x.numpy())
     subprocess.run([sys.executable, "-c", LOADER, str(root / "x.npy"), *map(str, dirs)], check=True, cwd=root,
                    env={**os.environ, "PYTHONPATH": ""})

@@ -290,7 +290,7 @@ def test_correspondence_with_itself_is_perfect_and_ep_reads_signed(small):
     assert rows["correspondence.mean_best_f1"].value == pytest.approx(1.0)
     ep = fake_ep(small.directions)
     rows = correspondence_metrics(ep, small.oracle, [stream[:300], stream[300:]], top_n=50)
-    assert "readouts signed/None" in rows[0].detail and rows[0].value > 0.9
+    assert "readout_a=signed, readout_b=None" in rows[0].detail and rows[0].value > 0.9
 
 
 # ------------------------------------------------------------------------------------------------

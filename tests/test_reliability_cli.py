@@ -118,7 +118,7 @@ def test_disk_full_during_extract_is_one_line_leaves_no_temp_and_resumes(env, mo
         return real(tensors, path)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    assert _extract(env, "--tokens", "9000") == 2
+    assert _extract(env, "--tokens", "9000") == 1  # a runtime failure, not a usage error
     err = capsys.readouterr().err.strip()
     assert "No space left on device; free disk space, then rerun the same command" in err and "\n" not in err
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
@@ -131,7 +131,7 @@ def test_an_unwritable_results_dir_is_one_line(env, monkeypatch, capsys, tmp_pat
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "mkdir", denied)
-    assert main(["run", "--suite", "smoke", "--results-dir", str(tmp_path / "ro"), "--no-report"]) == 2
+    assert main(["run", "--suite", "smoke", "--results-dir", str(tmp_path / "ro"), "--no-report"]) == 1
     assert "Permission denied; that location is not writable" in capsys.readouterr().err
     assert "EROFS" not in os_error_line(OSError(errno.EROFS, "Read-only file system", "/x"))
 
@@ -153,7 +153,7 @@ def test_a_corrupt_run_json_does_not_break_report_for_other_runs(tmp_path, capsy
 
     assert {d.name for d in list_runs(tmp_path)} == {"good", "bad"}
     assert f"{tmp_path / 'bad' / 'run.json'} is unreadable" in capsys.readouterr().out
-    assert main(["report", "bad", "--results-dir", str(tmp_path)]) == 2
+    assert main(["report", "bad", "--results-dir", str(tmp_path)]) == 1  # runtime: the file is damaged
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad' / 'run.json'} is corrupted" in err and "\n" not in err.strip()
 
@@ -199,7 +199,7 @@ def test_disk_full_during_a_run_is_one_line_and_the_rerun_resumes(env, monkeypat
     monkeypatch.setattr(bench.cache, "atomic_write_text", full)
     argv = ["run", "--suite", "smoke", "--layers", "1", "--method", "pca", "--metrics", "build", "retrieval",
             "--results-dir", str(tmp_path / "r"), "--run-id", "x", "--no-report"]
-    assert main(argv) == 2
+    assert main(argv) == 1
     (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epbench: error:")]
     assert "cells/" in line and "No space left on device; free disk space" in line  # progress bars aside
     cells = tmp_path / "r" / "x" / "cells"

@@ -359,6 +359,135 @@ def test_mean_b_dec_init_fixes_an_offset_residual_stream(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Reproducibility: what is guaranteed (README, Reproducibility; `python -m bench.reproducibility` measures the rest)
+
+
+@pytest.fixture(scope="module")
+def wide_heldout(tmp_path_factory: pytest.TempPathFactory):
+    """A store whose held-out chunk (6 contexts x 128 rows x d 64 = 49k values) is large enough for torch to split a
+    flat .sum() over it across threads (above its 32,768-element grain), so a thread-dependent sum would show."""
+    g = torch.Generator().manual_seed(5)
+    true = torch.nn.functional.normalize(torch.randn(48, 64, generator=g), dim=1)
+    idx = torch.randint(0, 48, (64 * 128, 3), generator=g)
+    x = (true[idx] * (1 + torch.rand(64 * 128, 3, 1, generator=g))).sum(1) + 0.05 * torch.randn(64 * 128, 64,
+                                                                                                 generator=g)
+    return write_synthetic_store(tmp_path_factory.mktemp("wide"), {0: x.reshape(64, 128, 64)})
+
+
+def _repro_fit(store, **kw) -> SAEArtefact:
+    return SAEMethod(width=64, k=4, training_tokens=20 * 256, batch_rows=256, buffer_rows=1024, lr=3e-3,
+                     eval_every=5, device="cpu", progress=False, **kw).fit(store, 0)
+
+
+def _blas_thread_invariant() -> bool:
+    """Whether this BLAS gives the same GEMMs (training's shapes, plain and transposed) at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(256, 64, generator=g), torch.randn(64, 64, generator=g), torch.randn(64, 256, generator=g)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append((a @ b, c @ a, a.T @ a))
+    finally:
+        torch.set_num_threads(before)
+    return all(torch.equal(x, y) for x, y in zip(*out))
+
+
+def _without_timings(info: dict) -> dict:
+    tr = {k: v for k, v in info["training"].items()
+          if k not in ("train_seconds", "eval_seconds", "rows_per_second")}
+    cost = {k: v for k, v in info["cost"].items() if k not in ("wall_seconds", "peak_memory_bytes")}
+    return {**info, "training": tr, "cost": cost}
+
+
+def test_same_seed_and_thread_count_retrain_bit_identical_with_provenance(wide_heldout, monkeypatch) -> None:
+    """Same store, seed and thread count: the same tensors bit for bit and the same curve and metrics; the artefact
+    records the thread count, the CPU, the BLAS and the store's activations hash; steps run with deterministic
+    algorithms at train_threads, and the process's settings are restored after."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    seen = set()
+    step = SAETrainer.step
+
+    def watched(self, batch):
+        seen.add((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+        return step(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "step", watched)
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    a, b = _repro_fit(wide_heldout, train_threads=1), _repro_fit(wide_heldout, train_threads=1)
+    assert seen == {(1, True)}
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+    assert _without_timings(a.info) == _without_timings(b.info)
+    rep = a.info["training"]["reproducibility"]
+    assert rep["threads"] == 1 and rep["deterministic_algorithms"] is True and rep["seed"] == 0
+    assert rep["cpu"]["model_name"] and rep["blas"]["blas"] and rep["blas"]["aten_cpu_capability"]
+    assert len(rep["activations_sha256"]) == 64 and "bit-identical" in rep["reproduces"]
+    c = _repro_fit(wide_heldout, train_threads=1, seed=1)
+    assert not torch.equal(c.tensors["W_enc"], a.tensors["W_enc"])  # the seed does change the run
+
+
+def test_thread_count_leaves_training_bit_identical_where_the_blas_does(wide_heldout) -> None:
+    """On a BLAS whose GEMMs do not depend on the thread count (MKL on this CPU), training does not either: held-out
+    sums are per row then exact (a flat float .sum() over the held-out chunk differed at 1 vs 2 threads, EV by
+    1e-7), and the eval curve (the stopping rule) and final metrics are the same floats."""
+    if not _blas_thread_invariant():
+        pytest.skip("this BLAS's GEMMs differ between 1 and 2 threads: only a fixed thread count reproduces")
+    one, two = _repro_fit(wide_heldout, train_threads=1), _repro_fit(wide_heldout, train_threads=2)
+    assert two.info["training"]["reproducibility"]["threads"] == 2
+    for k in one.tensors:
+        assert torch.equal(one.tensors[k], two.tensors[k]), k
+    assert one.info["training"]["curve"] == two.info["training"]["curve"]
+    assert one.info["explained_variance"] == two.info["explained_variance"]
+
+
+def test_train_threads_is_recorded_only_when_set() -> None:
+    """Rows' method_config and cached cfg.json read as before the field existed (a rerun compares equal to the
+    committed reference's rows); a set value round-trips."""
+    assert "train_threads" not in SAEConfig().to_dict()
+    cfg = SAEConfig(train_threads=2)
+    assert cfg.to_dict()["train_threads"] == 2 and SAEConfig.from_dict(cfg.to_dict()) == cfg
+    assert SAEConfig.from_dict(SAEConfig().to_dict()) == SAEConfig()
+
+
+def test_heldout_stats_do_not_depend_on_the_thread_count() -> None:
+    from methods.sae import heldout_stats
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 64, generator=g) + 2
+    w = torch.randn(64, 64, generator=g) / 8
+    enc, dec = (lambda v: torch.relu(v @ w)), (lambda f: f @ w.T)
+    before, out = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(heldout_stats(enc, dec, x, 0.1))
+    finally:
+        torch.set_num_threads(before)
+    assert out[0] == out[1]
+
+
+def test_run_provenance_names_cpu_and_blas() -> None:
+    from bench.runner import machine_info
+
+    from bench.reproducibility import blas_info, cpu_info
+
+    m = machine_info()
+    assert m["cpu_model"] == cpu_info()["model_name"] and m["cpu_model"]
+    assert m["blas"].startswith(f"{blas_info()['blas']}") and "LAPACK" in m["blas"]
+    assert m["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["torch_threads"] == torch.get_num_threads()
+    if Path("/proc/cpuinfo").exists():
+        assert "family/model/stepping" in m["cpu_id"]
+    if torch.backends.mkl.is_available():
+        assert blas_info()["mkl"] and "Math Kernel Library" in blas_info()["mkl"]
+    assert all(isinstance(v, (str, int, type(None))) for v in m.values())  # one flat line in the report header
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -372,6 +501,7 @@ def test_mean_b_dec_init_fixes_an_offset_residual_stream(tmp_path: Path) -> None
     ({"heldout_frac": 0.0}, "0 < heldout_frac < 1"),
     ({"token_budget": 0}, "token_budget must be > 0"),
     ({"init_b_dec": "median"}, "init_b_dec in"),
+    ({"train_threads": 0}, "train_threads must be >= 1"),
 ])
 def test_bad_config_is_refused(params: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -71,8 +71,9 @@ def showcase_hash(site: Path) -> str:
     return f"#/cmp/{arts[ep]['id']}/{best[1]}/{arts[best[2]]['id']}/{best[3]}"
 
 
-def screenshot(site: Path, png: Path, hash_: str | None = None) -> Path:
-    """A PNG of the site (default: `showcase_hash`), e.g. for the README."""
+def screenshot(site: Path, png: Path, hash_: str | None = None, height: int | None = None) -> Path:
+    """A PNG of the site (default: `showcase_hash`), e.g. for the README; `height` (pixels) widens the window's
+    height to show a whole card (at most that many pixels; default: the 1000-pixel window)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="epbench-chromium-") as profile:
@@ -82,8 +83,28 @@ def screenshot(site: Path, png: Path, hash_: str | None = None) -> Path:
             from selenium.webdriver.support.ui import WebDriverWait
 
             WebDriverWait(drv, 20).until(lambda d: d.find_elements("css selector", ".card .ctx, #artefacts"))
+            if height:
+                full = int(drv.execute_script("return document.documentElement.scrollHeight"))
+                drv.set_window_size(1400, min(height, full + 140))  # + the browser's own chrome
             png.parent.mkdir(parents=True, exist_ok=True)
             drv.save_screenshot(str(png))
         finally:
             drv.quit()
     return png
+
+
+def card_screenshots(site: Path, out_dir: Path, height: int = 2600) -> list[Path]:
+    """PNGs of the showcase EP region's card and of its best SAE match's card (`showcase_hash`):
+    out_dir/browser_ep_card.png and browser_sae_card.png."""
+    parts = showcase_hash(site).split("/")  # #/cmp/<ep>/<k>/<sae>/<k>
+    if len(parts) != 6:
+        raise ValueError(f"{site}: no EP region with an SAE match to show (needs an EP and an SAE dictionary)")
+    return [screenshot(site, Path(out_dir) / f"browser_{kind}_card.png", f"#/f/{aid}/{k}", height)
+            for kind, aid, k in (("ep", parts[2], parts[3]), ("sae", parts[4], parts[5]))]
+
+
+if __name__ == "__main__":  # python -m bench.browser.chromium SITE OUT_DIR
+    import sys
+
+    for p in card_screenshots(Path(sys.argv[1]), Path(sys.argv[2])):
+        print(p)

@@ -2,9 +2,11 @@
 
 The site is plain HTML/CSS/JS (bench/browser/static) plus data written as JavaScript files, because a page
 opened from disk (file://) may not fetch JSON: `data/index.js` (every dictionary, its headline metrics, and per
-feature a label token and the concepts that select it) loads with the page; each block of `shard_features`
-feature cards is `data/f/<artefact>/<block>.js` (gzipped JSON as base64), injected as a <script> only when a
-card of that block opens, and the store contexts it shows come in blocks of CONTEXT_BLOCK the same way.
+feature compact arrays: a label token, the rows it fires on, its maximum, EP members; the concepts that select
+it) loads with the page; each block of `shard_features` feature cards is `data/f/<artefact>/<block>.js` (gzipped
+JSON as base64), injected as a <script> only when a card of that block opens, and the store contexts it shows come
+in blocks of CONTEXT_BLOCK the same way. The text lookups (bench/browser/text.py) are sharded the same way under
+`data/search/` and `data/fire/`, loaded only for the words a query holds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bench.browser.cards import CardConfig, best_matches, concept_picks, sample_rows, scan, top_sets
+from bench.browser.cards import CardConfig, Evidence, Examples, best_matches, concept_picks, sample_rows, scan, top_sets
+from bench.browser.logits import Unembedding, logit_effects, unembedding
+from bench.browser.text import StringTable, TokenText, fire_entries, fnv1a, n_shards, postings_of, window_words
 from metrics.feature_selection import default_readout
 from methods.base import Artefact, load_artefact
 
@@ -34,6 +38,7 @@ CONTEXT_BLOCK = 32  # store contexts per data file (a card loads the blocks of t
 HEADLINE = ("retrieval.precision@10", "detection.auroc", "probing.onehot_retention", "ood.auroc",
             "correspondence.mean_best_f1", "recon.explained_variance", "recon.loss_recovered",
             "stability.direction.mean_cos")
+CHANCE_AUROC = 0.6  # a concept pick below this test AUROC is shown greyed as "at chance", not as a finding
 
 
 @dataclass
@@ -48,9 +53,13 @@ class BrowseConfig(CardConfig):
         flags = {"sample_contexts": "--sample-contexts", "top_contexts": "--top-contexts",
                  "shard_features": "--shard-features"}
         for name in ("sample_contexts", "top_contexts", "shard_features", "before", "after", "bins", "members",
-                     "match_top_n"):
+                     "match_top_n", "match_contexts", "negative_contexts", "bands", "band_examples", "logit_tokens",
+                     "fire_features", "fire_min_count", "search_features"):
             value = getattr(self, name)
-            low = 0 if name in ("before", "after", "members") else 1
+            if name == "sample_contexts" and value is None:
+                continue  # the whole store
+            low = 0 if name in ("before", "after", "members", "negative_contexts", "band_examples",
+                                "logit_tokens", "fire_features", "search_features") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 flag = flags.get(name, name)
                 raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
@@ -87,6 +96,8 @@ class LayerSource(NamedTuple):
     concepts: dict[str, tuple[Any, Any]]  # concept set name -> (ConceptSet, TextActivations)
     match_inputs: Any  # TextActivations (unit text) or a [N, d] tensor (unit token) for F1 matching
     match_unit: str
+    unembed: Unembedding | None = None  # for logit effects; None: `logits_note` says why there are none
+    logits_note: str = ""
 
 
 def _safe(name: str) -> str:
@@ -126,11 +137,16 @@ def resolve_target(target: str, results_dir: str | Path = "results") -> tuple[st
     for p in (Path(target), Path(results_dir) / target):
         if (p / "run.json").is_file():
             return "run", p
-        if (p / "cfg.json").is_file() or (p / "index.json").is_file():
+        if (p / "cfg.json").is_file() or (p / "index.json").is_file() or _holds_artefacts(p):
             return "artefacts", p
     raise FileNotFoundError(f"{target}: neither a run (results/<run-id>/run.json) nor an artefact directory "
-                            "(cfg.json, or an artefact cache folder with index.json); pass `epbench run`'s run id "
-                            "or a directory written by `epbench build`")
+                            "(cfg.json, or a folder of artefact directories each with one); pass `epbench run`'s "
+                            "run id or a directory written by `epbench build`")
+
+
+def _holds_artefacts(p: Path) -> bool:
+    """A folder with an artefact directory (cfg.json) somewhere below it: `epbench build --out` into several."""
+    return p.is_dir() and next(p.rglob("cfg.json"), None) is not None
 
 
 def suite_of_run(run_dir: Path) -> Any:
@@ -147,10 +163,9 @@ def _wanted(art_or_label: str, methods: list[str] | None) -> bool:
     return methods is None or art_or_label in methods
 
 
-def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
-    """One LayerSource per (model, layer) of a run: artefacts through ModelContext (the run's cache)."""
-    from bench.context import ModelContext
-
+def check_run_filters(run_dir: Path, cfg: BrowseConfig) -> tuple[Any, list[int]]:
+    """The run's suite and the layers to browse; --layers / --methods that name nothing in the run are refused
+    (ValueError, one line) before any work."""
     suite = suite_of_run(run_dir)
     layers = [L for L in suite.layers if cfg.layers is None or L in cfg.layers]
     if not layers:
@@ -163,19 +178,29 @@ def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
             raise ValueError(f"--methods {' '.join(unknown)}: not a method spec or artefact label of {run_dir} "
                              f"(its specs: {', '.join(s.label for s in suite.methods)}; artefact labels such as "
                              "ep:p=2 work too)")
+    return suite, layers
+
+
+def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
+    """One LayerSource per (model, layer) of a run: artefacts through ModelContext (the run's cache)."""
+    from bench.context import ModelContext
+
+    suite, layers = check_run_filters(run_dir, cfg)
     out = []
     for model in suite.models:
         ctx = ModelContext(suite, model, progress=False)
         for L in layers:
             arts = [a for s in suite.methods for a in ctx.artefacts(s.label, L)
                     if cfg.methods is None or s.label in cfg.methods or a.name in cfg.methods]
+            arts = list({a.name: a for a in arts}.values())  # once each (`ep` and `ep:p=8` both give ep:p=8)
             if not arts:
                 raise ValueError(f"--methods {' '.join(cfg.methods or [])}: no artefact of {run_dir} at layer {L} "
                                  "has that spec or artefact label; `epbench browse` without --methods lists them all")
             concepts = {n: (cs, ctx.concept_acts(n, L)) for n, cs in ctx.concept_sets.items()}
-            inputs = ctx.heldout_acts(L) if concepts else sample_rows(ctx.store, L, cfg.sample_contexts).acts
-            out.append(LayerSource(model, L, arts, ctx.store, ctx.backend.tokenizer, concepts, inputs,
-                                   "text" if concepts else "token"))
+            inputs = ctx.heldout_acts(L) if concepts else sample_rows(ctx.store, L, cfg.match_contexts).acts
+            backend, note = _backend(model, lambda: ctx.backend)
+            out.append(LayerSource(model, L, arts, ctx.store, getattr(backend, "tokenizer", None), concepts, inputs,
+                                   "text" if concepts else "token", *_unembed(backend, note)))
     return out
 
 
@@ -200,18 +225,31 @@ def artefact_sources(root: Path, cfg: BrowseConfig) -> list[LayerSource]:
         if store is None or store.id != store_id:
             raise ValueError(f"{spath}: not the verified store {store_id} that {arts[0].name} was built on "
                              f"({problem or f'it holds store {store.id}'}); rerun its `epbench extract` to repair it")
-        out.append(LayerSource(model, L, arts, store, _tokenizer(model), {},
-                               sample_rows(store, L, cfg.sample_contexts).acts, "token"))
+        from bench.models import load_model
+
+        backend, note = _backend(model, lambda: load_model(model, "cpu"))
+        out.append(LayerSource(model, L, arts, store, getattr(backend, "tokenizer", None), {},
+                               sample_rows(store, L, cfg.match_contexts).acts, "token", *_unembed(backend, note)))
     return out
 
 
-def _tokenizer(model: str) -> Any:
+def _backend(model: str, load: Any) -> tuple[Any, str]:
+    """(the model's ModelBackend, "") or (None, why not): without it the site shows token ids, no logit effects."""
     try:
-        from bench.models import load_model
+        return load(), ""
+    except (KeyError, ValueError, RuntimeError, OSError, NotImplementedError) as e:  # e.g. a synthetic store
+        first = (str(e).splitlines() or [""])[0][:200]
+        return None, f"no logit effects: model {model!r} could not be loaded ({type(e).__name__}: {first})"
 
-        return load_model(model, "cpu").tokenizer
-    except (KeyError, ValueError, RuntimeError, OSError):
-        return None  # e.g. a synthetic store: the site shows token ids
+
+def _unembed(backend: Any, note: str) -> tuple[Unembedding | None, str]:
+    if backend is None:
+        return None, note
+    try:
+        U = unembedding(backend)
+    except AttributeError as e:  # a backend without a transformer-lens unembedding
+        return None, f"no logit effects: {backend.name} exposes no unembedding ({e})"
+    return U, U.note
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,14 +300,14 @@ def _ep_members(art: Artefact, store: Any, tokens: _Tokens, model: str, k: int, 
     return out
 
 
-def _label_tokens(art: Artefact, top, store: Any, tokens: _Tokens, model: str) -> list[int]:
+def _label_tokens(art: Artefact, top: Examples, store: Any, tokens: _Tokens, model: str) -> list[int]:
     """Per feature the token that names it: EP's exemplar token, else the token at its strongest activation."""
     out = []
     for k in range(art.K):
         if art.method == "ep":
             cid, pos = int(art.tensors["exemplar_context"][k]), int(art.tensors["exemplar_position"][k])
         else:
-            cid, pos = int(top.context[k, 0]), int(top.peak[k, 0])
+            cid, pos = int(top.context[k, 0]), int(top.position[k, 0])
         out.append(tokens.context(store, cid)[pos] if cid >= 0 else -1)
     tokens.use(model, [t for t in out if t >= 0])
     return out
@@ -296,55 +334,185 @@ def same_as_run(rows: Any, model: str, layer: int, art: Artefact) -> bool | None
     return bool(math.isclose(float(secs.iloc[0]), art.cost.wall_seconds, rel_tol=1e-9) and int(K.iloc[0]) == art.K)
 
 
-def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
-                offset: int = 0) -> tuple[list[dict], dict]:
-    """The index entries and the cards ({artefact id: [card, ...]}) of one model and layer; `offset` is the
-    position of this layer's first dictionary in the site's list (matches refer to dictionaries by position)."""
+class _Text:
+    """The site's text lookups (bench/browser/text.py), filled dictionary by dictionary."""
+
+    def __init__(self):
+        self.decoders: dict[str, TokenText] = {}  # model -> decoded single tokens
+        self.tables: dict[str, StringTable] = {}  # store id -> its token strings
+        self.search: dict[str, list] = {}  # word -> [dictionary position, feature, score, ...]
+        self.fire: dict[str, dict[str, list]] = {}  # model -> token string -> [dictionary, feature, mean, ...]
+        self.fire_counts: dict[str, dict[str, int]] = {}  # model -> token string -> occurrences in the store
+
+    def text(self, src: LayerSource) -> TokenText:
+        return self.decoders.setdefault(src.model, TokenText(src.tokenizer))
+
+    def token_rows(self, src: LayerSource, min_count: int) -> Any:
+        """scan's hook: the store's string table (built once per store from the first scan's counts)."""
+        def rows(counts: np.ndarray, K: int) -> Any:
+            if src.store.id not in self.tables:
+                self.tables[src.store.id] = StringTable(self.text(src), counts, min_count)
+            return self.tables[src.store.id].rows(K)
+        return rows
+
+    def add_search(self, pos: int, src: LayerSource, ev: Evidence, top: list[list[list]], e: np.ndarray,
+                   tokens: _Tokens, cap: int) -> None:
+        """Index the words of the top-context windows the cards of dictionary `pos` show (values in 10**e)."""
+        if cap == 0:
+            return
+        text, scored = self.text(src), {}
+        for k, rows in enumerate(top):
+            vmax, words_k = float(ev.vmax[k]) / 10.0 ** int(e[k]), scored.setdefault(k, {})
+            for cid, start, _, _, vals in rows:
+                ids = tokens.context(src.store, cid)[start:start + len(vals)]
+                for w, score in window_words(text, ids, np.asarray(vals, dtype=np.float64), vmax).items():
+                    words_k[w] = max(words_k.get(w, 0), score)
+        for w, post in postings_of(scored, cap).items():
+            self.search.setdefault(w, []).extend(x for k, score in post for x in (pos, k, score))
+
+    def add_fire(self, pos: int, src: LayerSource, ev: Evidence, n: int) -> dict[str, int]:
+        """Dictionary `pos`'s features per token string; returns how many of the store's strings it covers."""
+        table = self.tables.get(src.store.id)
+        if ev.token_sums is None or table is None or n == 0:
+            return {"strings": 0, "store_strings": 0 if table is None else len(table.strings)}
+        fire, counts = self.fire.setdefault(src.model, {}), self.fire_counts.setdefault(src.model, {})
+        for string, feats in fire_entries(table, ev.token_sums, n).items():
+            fire.setdefault(string, []).extend(x for k, m in feats for x in (pos, k, _num(m, 3)))
+        for string, c in zip(table.strings[:len(ev.token_sums)], table.counts.tolist()):
+            counts[string] = max(counts.get(string, 0), c)
+        return {"strings": len(ev.token_sums), "store_strings": len(table.strings)}
+
+    def write(self, data: Path) -> dict[str, Any]:
+        """Write the shards; returns what the index says about them."""
+        out: dict[str, Any] = {"search": None, "fire": {}}
+        if self.search:
+            n = n_shards(sum(len(v) for v in self.search.values()) // 3)
+            for i, part in enumerate(_sharded(self.search, n)):
+                _js_packed(data / "search" / f"{i}.js", "search", "", i, part)
+            out["search"] = {"shards": n, "words": len(self.search)}
+        for model, table in self.fire.items():
+            n = n_shards(sum(len(v) for v in table.values()) // 3)
+            for i, part in enumerate(_sharded(table, n)):
+                _js_packed(data / "fire" / _safe(model) / f"{i}.js", "fire", model, i, part)
+            counts = self.fire_counts[model]
+            strings = sorted(counts, key=lambda s: (-counts[s], s))
+            _js_packed(data / "fire" / _safe(model) / "strings.js", "fireStrings", model, 0,
+                       {"strings": strings, "counts": [counts[s] for s in strings]})
+            out["fire"][model] = {"shards": n, "strings": len(strings)}
+        return out
+
+
+def _sharded(table: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key in sorted(table):
+        parts[fnv1a(key) % n][key] = table[key]
+    return parts
+
+
+def _exponents(ev: Evidence) -> np.ndarray:
+    """Per feature the power of ten its window values are stored in: 3 significant digits of its largest |value|
+    on the store (so at most 999 units)."""
+    big = np.maximum(np.abs(np.nan_to_num(ev.vmin)), np.abs(np.nan_to_num(ev.vmax)))
+    return np.where(big > 0, np.floor(np.log10(np.where(big > 0, big, 1.0))) - 2, 0).astype(np.int64)
+
+
+def _example_rows(ex: Examples, e: np.ndarray, before: int, ks: range) -> list[list[list]]:
+    """Per feature of `ks` its examples as [context, window start, position, value, [window values in units of
+    10**e]]."""
+    win = ex.window[ks.start:ks.stop]
+    T, W = win.shape[1], win.shape[2]
+    valid = ~np.isnan(win)
+    i0 = valid.argmax(axis=2)
+    i1 = W - valid[:, :, ::-1].argmax(axis=2)
+    q = np.rint(np.nan_to_num(win) / (10.0 ** e[ks.start:ks.stop])[:, None, None]).astype(np.int64)
+    out = []
+    for j, k in enumerate(ks):
+        rows = []
+        for t in range(T):
+            cid = int(ex.context[k, t])
+            if cid >= 0:
+                a, b, p = int(i0[j, t]), int(i1[j, t]), int(ex.position[k, t])
+                rows.append([cid, p - before + a, p, _num(ex.value[k, t]), q[j, t, a:b].tolist()])
+        out.append(rows)
+    return out
+
+
+def _logit_effects(art: Artefact, src: LayerSource, n: int) -> tuple[tuple | None, str]:
+    """(top ids, values, bottom ids, values) as lists per feature, or (None, why there are none)."""
+    if src.unembed is None:
+        return None, src.logits_note or "no logit effects: no model"
+    if src.unembed.W_U.shape[0] != art.d_model:
+        return None, (f"no logit effects: the model's d_model {src.unembed.W_U.shape[0]} is not the artefact's "
+                      f"{art.d_model}")
+    if n == 0:
+        return None, "no logit effects (logit_tokens = 0)"
+    return tuple(t.tolist() for t in logit_effects(art.directions, src.unembed, n)), src.unembed.note
+
+
+def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any, lookups: _Text,
+                write: Any, offset: int = 0) -> list[dict]:
+    """The index entries of one model and layer; each block of `shard_features` cards goes to `write(artefact id,
+    block, cards)` as soon as it is made. `offset` is the position of this layer's first dictionary in the site's
+    list (matches refer to dictionaries by position)."""
     ids = [artefact_id(src.model, src.layer, a) for a in src.artefacts]
-    sample = sample_rows(src.store, src.layer, cfg.sample_contexts)
     sets = top_sets(src.artefacts, src.match_inputs, src.match_unit, cfg.match_top_n)
-    entries, cards = [], {}
+    entries = []
     for i, (aid, art) in enumerate(zip(ids, src.artefacts)):
         t0 = time.perf_counter()
-        top, hist = scan(art, sample, cfg)
+        ev = scan(art, src.store, src.layer, cfg, token_rows=lookups.token_rows(src, cfg.fire_min_count))
         matches = []
         for j, other in enumerate(src.artefacts):
             if other.method != art.method:
                 best, f1 = best_matches(sets[i], sets[j])
                 matches.append((offset + j, best, f1))  # index of the other dictionary in the site
         picks: dict[int, list] = {}
-        concept_index: dict[str, int] = {}
+        concept_index: dict[str, list] = {}
         for name, (cs, acts) in src.concepts.items():
             if art.supervised and art.info.get("concept_set") not in (None, name):
                 continue
             for concept, k, auc in concept_picks(art, cs, acts):
-                picks.setdefault(k, []).append([name, concept, _num(auc, 3)])
-                concept_index[f"{name}/{concept}"] = k
+                picks.setdefault(k, []).append([name, concept, _num(auc, 3), bool(auc >= CHANCE_AUROC)])
+                concept_index[f"{name}/{concept}"] = [k, _num(auc, 3)]
         member_ctx = {kind: art.tensors[f"{kind}_context"].numpy() for kind in ("closest", "farthest")} \
             if art.method == "ep" else {}
-        feats = []
-        for k in range(art.K):
-            card: dict[str, Any] = {
-                "k": k,
-                "top": [[int(top.context[k, t]), int(top.start[k, t]), int(top.peak[k, t]), _num(top.value[k, t]),
-                         top.digits[k][t]] for t in range(top.context.shape[1]) if top.context[k, t] >= 0],
-                "hist": [_num(hist.lo[k]), _num(hist.hi[k]), hist.counts[k].tolist(), int(hist.zeros[k]), hist.rows],
-                "match": [[j, int(best[k]), _num(f1[k], 3)] for j, best, f1 in matches if best[k] >= 0],
-                "concepts": picks.get(k, []),
-            }
-            if art.method == "ep":
-                card["ep"] = _ep_members(art, src.store, tokens, src.model, k, cfg, member_ctx)
-            feats.append(card)
-        for k in range(art.K):
-            for c in feats[k]["top"]:
-                tokens.show(src.store, src.model, c[0])
+        e = _exponents(ev)
+        top = _example_rows(ev.top, e, cfg.before, range(art.K))  # all of them: the search index reads them
+        logits, logits_note = _logit_effects(art, src, cfg.logit_tokens)
+        text = lookups.text(src)
+        for block, a0 in enumerate(range(0, art.K, cfg.shard_features)):
+            ks = range(a0, min(art.K, a0 + cfg.shard_features))
+            neg = _example_rows(ev.negative, e, cfg.before, ks)
+            bands = [_example_rows(s, e, cfg.before, ks) for s in ev.bands.samples]
+            feats = []
+            for j, k in enumerate(ks):
+                card: dict[str, Any] = {
+                    "k": k, "e": int(e[k]), "min": _num(ev.vmin[k]), "max": _num(ev.vmax[k]),
+                    "top": top[k], "neg": neg[j],
+                    "bands": [[_num(ev.bands.lo[k, b]), _num(ev.bands.hi[k, b]), int(ev.bands.count[k, b]),
+                               bands[b][j]] for b in range(cfg.bands)],
+                    "hist": [_num(ev.hist.lo[k]), _num(ev.hist.hi[k]), ev.hist.counts[k].tolist(),
+                             int(ev.hist.zeros[k]), ev.hist.rows],
+                    "match": [[j2, int(best[k]), _num(f1[k], 3)] for j2, best, f1 in matches if best[k] >= 0],
+                    "concepts": picks.get(k, []),
+                }
+                if logits is not None:  # [[promoted: [id, text, logit], ...], [suppressed: ...]]
+                    card["logit"] = [[[t, text(t), _num(v, 3)] for t, v in zip(logits[0][k], logits[1][k])],
+                                     [[t, text(t), _num(v, 3)] for t, v in zip(logits[2][k], logits[3][k])]]
+                if art.method == "ep":
+                    card["ep"] = _ep_members(art, src.store, tokens, src.model, k, cfg, member_ctx)
+                for ex in (*top[k], *neg[j], *(x for b in bands for x in b[j])):
+                    tokens.show(src.store, src.model, ex[0])
+                feats.append(card)
+            write(aid, block, feats)
+        lookups.add_search(offset + i, src, ev, top, e, tokens, cfg.search_features)
+        fire = lookups.add_fire(offset + i, src, ev, cfg.fire_features)
         cost = art.cost
         same = same_as_run(rows, src.model, src.layer, art)
         if same is False:
             print(f"epbench browse: warning: {art.name} at layer {src.layer} is not the artefact the run measured "
                   "(the artefact cache was rebuilt since, e.g. its method code changed); its cards describe the "
                   "rebuilt fit, its metrics the run's", file=sys.stderr)
-        entries.append({
+        entry = {
             "id": aid, "model": src.model, "layer": src.layer, "name": art.name, "method": art.method,
             "K": art.K, "supervised": art.supervised, "store": src.store.id,
             "readout": default_readout(art) or getattr(art.config, "readout", None) or art.readouts[0],
@@ -353,12 +521,17 @@ def layer_cards(src: LayerSource, cfg: BrowseConfig, tokens: _Tokens, rows: Any,
                      "flops": _num_or_none(cost.flops, 3), "seconds": _num_or_none(cost.wall_seconds, 3),
                      "device": str(cost.device)},
             "metrics": _headline(rows, src.model, src.layer, art.name),
-            "labels": _label_tokens(art, top, src.store, tokens, src.model),
+            "labels": _label_tokens(art, ev.top, src.store, tokens, src.model),
+            "rows": ev.rows, "contexts": ev.contexts, "store_contexts": src.store.n_contexts,
+            "pos": ev.positive.tolist(), "max": [_num(v, 3) for v in ev.vmax.tolist()],
+            "logits": {"ok": logits is not None, "note": logits_note}, "fire": fire,
             "concepts": concept_index, "shard": cfg.shard_features,
             "card_seconds": _num(time.perf_counter() - t0, 3), "same_as_run": same,
-        })
-        cards[aid] = feats
-    return entries, cards
+        }
+        if art.method == "ep":
+            entry["members"] = [int(x) for x in art.tensors["member_count"].tolist()]
+        entries.append(entry)
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,13 +552,7 @@ def _js_packed(path: Path, call: str, key: str, block: int, obj: Any) -> int:
     """Write `EPB.<call>(key, block, "<base64 of gzipped JSON>")`: cards compress ~4x; the page inflates them
     with the browser's own DecompressionStream (no library, no network)."""
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-    return _js(path, call, key, block, base64.b64encode(gzip.compress(raw, 9, mtime=0)).decode())
-
-
-def _token_text(tokenizer: Any, ids: list[int]) -> dict[str, str]:
-    if tokenizer is None:
-        return {str(i): f"#{i}" for i in ids}
-    return {str(i): tokenizer.decode([i]) for i in ids}
+    return _js(path, call, key, block, base64.b64encode(gzip.compress(raw, 6, mtime=0)).decode())
 
 
 def write_site(out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: Any = None,
@@ -394,12 +561,10 @@ def write_site(out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: A
     from bench.cache import unique_tmp
 
     check_out(out)
-    tokens = _Tokens()
-    entries: list[dict] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = unique_tmp(out)  # a name no user folder has (never `<out>.tmp`, which may be the user's)
     try:
-        _write_site_into(tmp, out, sources, cfg, rows, title, meta, tokens, entries)
+        _write_site_into(tmp, out, sources, cfg, rows, title, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -407,29 +572,29 @@ def write_site(out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: A
 
 
 def _write_site_into(tmp: Path, out: Path, sources: list[LayerSource], cfg: BrowseConfig, rows: Any, title: str,
-                     meta: dict[str, Any] | None, tokens: _Tokens, entries: list[dict]) -> None:
+                     meta: dict[str, Any] | None) -> None:
     """Write the site into the fresh folder `tmp`, then swap it in for `out` (a site `browse` wrote, or nothing)."""
     from bench.cache import unique_tmp
 
     data = tmp / "data"
-    tokenizers: dict[str, Any] = {}
+    tokens, lookups, entries = _Tokens(), _Text(), []
     for src in sources:
-        tokenizers[src.model] = src.tokenizer
-        e, cards = layer_cards(src, cfg, tokens, rows, offset=len(entries))
-        entries += e
-        for aid, feats in cards.items():
-            for b in range(0, len(feats), cfg.shard_features):
-                _js_packed(data / "f" / aid / f"{b // cfg.shard_features}.js", "shard", aid,
-                           b // cfg.shard_features, feats[b:b + cfg.shard_features])
+        def write(aid: str, block: int, feats: list[dict]) -> None:
+            _js_packed(data / "f" / aid / f"{block}.js", "shard", aid, block, feats)
+
+        entries += layer_cards(src, cfg, tokens, rows, lookups, write, offset=len(entries))
     for model, used in tokens.used.items():
-        _js(data / "vocab" / f"{_safe(model)}.js", "vocab", model, _token_text(tokenizers.get(model), sorted(used)))
+        text = lookups.decoders.get(model) or TokenText(None)
+        _js(data / "vocab" / f"{_safe(model)}.js", "vocab", model, {str(i): text(i) for i in sorted(used)})
     for sid, shown in tokens.shown.items():
         ctxs, blocks = tokens.contexts[sid], sorted({c // CONTEXT_BLOCK for c in shown})
         for b in blocks:
             _js(data / "contexts" / _safe(sid) / f"{b}.js", "contexts", sid, b,
                 {str(c): ctxs[c] for c in sorted(shown) if c // CONTEXT_BLOCK == b})
-    index = {"title": title, "context_block": CONTEXT_BLOCK, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "meta": meta or {},
-             "config": dataclasses.asdict(cfg), "artefacts": entries, "headline": list(HEADLINE)}
+    index = {"title": title, "context_block": CONTEXT_BLOCK,
+             "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "meta": meta or {},
+             "config": dataclasses.asdict(cfg), "artefacts": entries, "headline": list(HEADLINE),
+             "chance_auroc": CHANCE_AUROC, **lookups.write(data)}
     _js(data / "index.js", "index", index)
     for name in ("index.html", "app.js", "style.css"):
         shutil.copy(STATIC / name, tmp / name)

@@ -37,6 +37,10 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path, details: st
         f"- **git commit**: `{str(commit)[:12] or 'unknown'}`",
         f"- **versions**: {_kv(info.get('versions'))}",
         f"- **machine**: {_kv(info.get('machine'))}",
+        ("- **reproducibility**: EP, k-means, PCA and random-direction rows reproduce on another machine (within "
+         "1e-7); trained SAE rows reproduce bit for bit only on the same CPU, BLAS and code path (the machine line), "
+         "elsewhere within their seed spread: TopK training amplifies last-bit GEMM differences (README, "
+         "Reproducibility)"),
         (f"- **rows**: {len(df)} ({df['method'].nunique()} methods, models {', '.join(sorted(df['model'].unique()))}, "
         f"layers {', '.join(str(x) for x in sorted(df['layer'].unique()))})"),
         "",
@@ -80,7 +84,10 @@ def data_md(data: dict[str, Any]) -> list[str]:
             body.append([model, name, str(c.get("n_concepts")), str(c.get("n_texts")),
                          ", ".join(f"{k} {v}" for k, v in test.items()),
                          f"{t.get('n_truncated', '?')} of {t.get('n_texts', '?')} ({100 * t.get('share', 0):.0f}%)"])
-        prompts += [f"{name} {p.get('kept')} of {p.get('written')}" for name, p in (d.get("prompt_sets") or {}).items()]
+        prompts += [f"{name} {p.get('kept')} of {p.get('written')}" if p.get("sampled") is None else
+                    f"{name} {p.get('kept')} of {p.get('sampled')} sampled (seeded) from {p.get('written')} written"
+                    for name, p in (d.get("prompt_sets") or {}).items()]
+
     out = []
     if body:
         out += ["**Evaluation data** (test examples per class: the fewest any concept has; texts longer than the "
