@@ -521,3 +521,13 @@ def test_encode_checks_width(topk_art: SAEArtefact) -> None:
         topk_art.encode(torch.zeros(3, 31))
     with pytest.raises(ValueError, match="unknown readout"):
         topk_art.encode(torch.zeros(3, 32), readout="binary")
+
+
+def test_jumprelu_stops_on_the_nmse_rule_only_near_its_target_l0() -> None:
+    from methods.sae import JUMPRELU_L0_SLACK, SAEConfig, l0_reached
+
+    jump = SAEConfig(architecture="jumprelu", width=64, k=8, training_tokens=4096, batch_rows=256, buffer_rows=512)
+    topk = SAEConfig(architecture="topk", width=64, k=8, training_tokens=4096, batch_rows=256, buffer_rows=512)
+    assert not l0_reached(jump, 198.0) and not l0_reached(jump, JUMPRELU_L0_SLACK * 8 + 0.01)
+    assert l0_reached(jump, 8.0) and l0_reached(jump, JUMPRELU_L0_SLACK * 8)
+    assert l0_reached(topk, 198.0)  # TopK's L0 is k by construction: the NMSE rule alone decides
