@@ -300,10 +300,9 @@ def with_data(suite, concepts: list[str] | None = None, prompts: list[str] | Non
 def _data_name(spec: str) -> str:
     """A data spec as the report names it: a file by its name, not its absolute path."""
     kind, sep, rest = spec.partition(":")
-    path = rest if sep and kind in ("jsonl", "csv", "axbench") else spec
-    return f"{kind}:{Path(path).name}" if sep and path is rest else Path(spec).name if "/" in spec else spec
-
-
+    if sep and kind in ("jsonl", "csv", "axbench"):
+        return f"{kind}:{Path(rest).name}"
+    return Path(spec).name if "/" in spec else spec
 
 
 def narrow_suite(suite, models=None, layers=None, methods=None, metrics=None):
