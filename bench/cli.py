@@ -64,6 +64,28 @@ def _positive_int(text: str) -> int:
 STORE_DEFAULTS = {"tokens": DEFAULT_STORE_TOKENS, "ctx_len": 128, "dtype": "float32", "seed": 0}
 
 
+def stop_time(text: str, now: float | None = None) -> float:
+    """`--stop-after` as a time.time() value: a duration from now (90m, 2.5h, 45s) or a clock time in ISO 8601
+    (2026-12-02T16:00Z; without a zone, local time)."""
+    import datetime
+
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1:] in units:
+            seconds = float(text[:-1]) * units[text[-1]]
+            if seconds <= 0:
+                raise ValueError
+            return now + seconds
+        when = datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a duration (90m, 2.5h, 45s) nor an ISO 8601 time "
+                                         "(2026-12-02T16:00Z)") from None
+    if when <= now:
+        raise argparse.ArgumentTypeError(f"{text!r} is in the past; give a later time or a duration (90m)")
+    return when
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     """--concepts / --prompts: the user's own evaluation data in place of a suite's."""
     p.add_argument("--concepts", nargs="+", default=None, metavar="SPEC",
@@ -408,7 +430,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with usage_errors():
         suite = _suite_from_args(args)
     run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=not args.no_report,
-                    executor=args.executor, address=args.address)
+                    executor=args.executor, address=args.address, stop_at=args.stop_after,
+                    amend=args.amend)
     print_table(run.dir)
     return 0
 
@@ -524,6 +547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="where cells run: this process (default) or a Ray cluster (pip install 'epbench[ray]')")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (auto, host:6379, ray://host:10001); default: start one on this machine")
+    p.add_argument("--amend", action="store_true",
+                   help="resume a run whose suite changed only in method specs none of whose cells has finished "
+                        "(e.g. a baseline reduced for budget before it ran); the change is recorded in run.json")
+    p.add_argument("--stop-after", type=stop_time, default=None, metavar="TIME",
+                   help="start no cell after this (a duration: 150m, 2.5h; or a time: 2026-12-02T16:00Z); the cell "
+                        "in flight finishes and the run stays resumable (for sessions of limited length)")
 
     p = sub.add_parser("score", help="score methods on one model and layer; prints one table")
     p.add_argument("--model", "--models", dest="model", default="smollm2-135m")

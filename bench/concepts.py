@@ -584,6 +584,20 @@ def saeprobes_root(root: str | Path | None = None) -> Path:
     return root
 
 
+def saeprobes_provenance(folder: Path) -> str:
+    """How run.json names the datasets' folder: the sae-probes version and the folder inside the package when it is
+    the installed distribution's (not this machine's site-packages path), else the folder itself."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(SAEPROBES_DIST)
+        if Path(str(dist.locate_file(SAEPROBES_DATA))).resolve() == Path(folder).resolve():
+            return f"sae-probes {dist.version}, {SAEPROBES_DATA}"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return str(folder)
+
+
 def read_saeprobes_csv(path: str | Path) -> pd.DataFrame:
     """One sae-probes dataset file (zstd-compressed CSV) as a DataFrame; clear errors for a corrupted file."""
     try:
@@ -691,12 +705,13 @@ def saeprobes_datasets(names: Iterable[str] | None = None, per_concept: int = 40
     meta: dict[str, Any] = {"seed": seed, "per_concept": per_concept, "train_frac": train_frac}
     if test_examples is not None:
         meta = {"seed": seed, "test_examples": test_examples, "train_examples": want["train"]}
-    meta.update({"root": str(folder), "n_per_dataset": sizes, "positive_label": positive,
+    where = saeprobes_provenance(folder)
+    meta.update({"root": where, "n_per_dataset": sizes, "positive_label": positive,
                  "skipped_non_binary": non_binary, "skipped_one_class": one_class,
                  "dropped_conflicting": {k: v for k, v in conflicting.items() if v}})
     name = "saeprobes" if names is None else "saeprobes:" + ",".join(chosen)
     return ConceptSet(name, concepts, _frame(rows),
-                      f"sae-probes cleaned_data ({folder}); concept = binary dataset, per-dataset n in meta", meta)
+                      f"sae-probes cleaned_data ({where}); concept = binary dataset, per-dataset n in meta", meta)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -447,7 +447,7 @@ def _submit_and_collect(ray: Any, run: Run, cells: list[Cell], cfg: RayConfig, e
             failures.append(_name_failure(ray, cell, deps, refs, failed_units, e))
             bar.update(1)
             continue
-        record["git_commit"] = run.meta["git_commit"]
+        record["git_commit"], record["sitting"] = run.meta["git_commit"], run.sitting
         for model, summary in record.pop(DATA_KEY, {}).items():
             _merge(run.meta.setdefault("data", {}).setdefault(model, {}), summary)
         write_cell(run.cell_path(cell), record)  # with its checksum, over the fields added here

@@ -58,13 +58,14 @@ def machine_info() -> dict[str, Any]:
 
 
 PROSE_FIELDS = ("description", "evidence")  # Suite text a package update may reword: not part of the grid
+SITTING_FIELDS = ("git_commit", "versions", "machine")  # provenance that may change between sittings of one run
 
 
 class Run:
     """One run of a suite: `results/<run-id>/` with run.json, cells/*.json, rows.parquet, rows.csv."""
 
     def __init__(self, suite: Suite, results_dir: str | Path = "results", run_id: str | None = None,
-                 force: bool = False, progress: bool = True):
+                 force: bool = False, progress: bool = True, amend: bool = False):
         self.suite = suite
         self.run_id = run_id or f"{suite.name}-{suite.key()}"
         self.dir = Path(results_dir) / self.run_id
@@ -81,18 +82,37 @@ class Run:
         meta_path = self.dir / "run.json"
         old = None if force else _read_run_json(meta_path)
         config = json.loads(json.dumps(suite.to_dict(), default=str))
+        amendment = None
         if old is not None and old.get("config") is not None:
             # a field added to Suite since the run started reads as its default: the grid is unchanged
             was = {**_suite_defaults(suite, set(config) - set(old["config"])), **old["config"]}
             changed = sorted(k for k in (set(config) | set(was)) - set(PROSE_FIELDS) if config.get(k) != was.get(k))
-            if changed:
+            specs = amended_specs(was, config, finished_specs(self.cells_dir)) if changed == ["methods"] else None
+            if changed and not (amend and specs):
+                how = (f"it changes only method specs none of whose cells has finished ({', '.join(specs)}): pass "
+                       "--amend to record it in run.json as an amendment and continue, " if specs else "")
                 raise ValueError(f"run {self.dir} was started with another {suite.name} suite (differs in {changed});"
-                                 " resuming would mix two grids: pass --force to restart it or choose another --run-id")
+                                 f" resuming would mix two grids: {how}pass --force to restart it or choose another "
+                                 "--run-id")
+            if changed:
+                amendment = {"specs": specs, "before": was["methods"], "after": config["methods"]}
             old["config"] = config
+        if old is not None and "sittings" not in old and old.get("git_commit"):
+            # a run.json from before sittings were kept: what it records is its last sitting's (start unknown)
+            old["sittings"] = [{"started": None, **{k: old.get(k) for k in SITTING_FIELDS}}]
         self.meta = old or {
             "run_id": self.run_id, "suite": suite.name, "config": config,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": 0.0}
+        # a resumed run may continue on another commit, library set or machine: the top-level fields are the latest
+        # sitting's, `sittings` keeps every one, and each cell records the index of the sitting that computed it
         self.meta.update(versions=library_versions(), git_commit=git_commit(), machine=machine_info())
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.meta.setdefault("sittings", []).append({"started": now, **{k: self.meta[k] for k in SITTING_FIELDS}})
+        self.sitting = len(self.meta["sittings"]) - 1
+        if amendment is not None:
+            self.meta.setdefault("amendments", []).append({"at": now, "sitting": self.sitting, **amendment})
+            print(f"[epbench] amended run {self.dir}: method specs {', '.join(amendment['specs'])} (none had a "
+                  "finished cell; recorded in run.json `amendments`)", flush=True)
         atomic_write_json(meta_path, self.meta)
 
     def context(self, model: str) -> ModelContext:
@@ -138,7 +158,7 @@ class Run:
             "cell": cell.__dict__, "cell_id": cell.id, "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": wall,
             "store_id": ctx.store.id, "method_family": ctx.spec(cell.spec).method,
-            "git_commit": self.meta["git_commit"],
+            "git_commit": self.meta["git_commit"], "sitting": self.sitting,
             "artefacts": ctx.artefact_summaries(cell),
             "rows": [r.to_dict() for r in rows],
         }
@@ -162,6 +182,30 @@ class Run:
         self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_json(self.dir / "run.json", self.meta)
         self.write_tables()
+
+
+def finished_specs(cells_dir: Path) -> set[str]:
+    """The method-spec labels with at least one finished (readable, verified) cell."""
+    return {rec["cell"]["spec"] for rec in _cell_records(cells_dir)} if cells_dir.is_dir() else set()
+
+
+def amended_specs(was: dict[str, Any], config: dict[str, Any], finished: set[str]) -> list[str]:
+    """The labels of the method specs that differ between two suite configs (added, removed or changed), when the
+    change can amend a run without touching a result: none of them, and no spec matched to one of them (its
+    artefacts copy their K or tokens), has a finished cell; nor may the reference SAE (the suite's first SAE spec,
+    which other specs' cost, correspondence and ground-truth cells read) change once any cell has finished. Empty
+    when it cannot."""
+    before = {m["label"]: m for m in was.get("methods") or []}
+    after = {m["label"]: m for m in config.get("methods") or []}
+    specs = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    touched = set(specs)
+    for m in list(before.values()) + list(after.values()):  # a spec matched to a changed one changes with it
+        if touched & set(m.get("match_to") or []):
+            touched.add(m["label"])
+    reference = [next((m["label"] for m in ms.values() if m["method"] == "sae"), None) for ms in (before, after)]
+    if reference[0] != reference[1] or reference[0] in touched:
+        touched |= finished
+    return specs if specs and not touched & finished else []
 
 
 _LEGACY_CELLS_TOLD: set[str] = set()  # cells folders whose unchecksummed (legacy) cells were announced
@@ -254,7 +298,8 @@ def write_tables(run_dir: Path, suite_name: str, git_commit_: str) -> Path:
             r = {k: v for k, v in r.items() if k not in ("units", "clusters")}  # per-unit data stays in the cells
             rows.append({**r, "suite": suite_name, "cell_id": rec["cell_id"],
                          "method_family": rec.get("method_family"), "store_id": rec.get("store_id"),
-                         "git_commit": rec.get("git_commit", git_commit_), "started": rec.get("started"),
+                         "git_commit": rec.get("git_commit", git_commit_), "sitting": rec.get("sitting"),
+                         "started": rec.get("started"),
                          "finished": rec.get("finished")})
     df = pd.DataFrame(rows)
     hashes = {}
@@ -312,25 +357,40 @@ def damaged_cells(run_dir: str | Path) -> list[Path]:
 
 
 def run_suite(suite: Suite, results_dir: str | Path = "results", run_id: str | None = None, force: bool = False,
-              progress: bool = True, report: bool = True, executor: str = "local", address: str | None = None) -> Run:
+              progress: bool = True, report: bool = True, executor: str = "local", address: str | None = None,
+              stop_at: float | None = None, amend: bool = False) -> Run:
     """Run every cell (skipping finished ones), then write the report. `executor="ray"` runs the same cells on a
-    Ray cluster (`address`; see bench.executors)."""
+    Ray cluster (`address`; see bench.executors). `stop_at` (a time.time() value; local executor): start no cell
+    after it; the cell in flight finishes, the run stays unfinished and says how to continue it. `amend`: accept a
+    suite whose changes touch only method specs without finished cells (recorded in run.json `amendments`)."""
     from tqdm.auto import tqdm
 
-    run = Run(suite, results_dir, run_id, force, progress)
+    if stop_at is not None and executor != "local":
+        raise ValueError("a stop time applies to the local executor only; a Ray run stops when its cells do")
+    run = Run(suite, results_dir, run_id, force, progress, amend=amend)
     cells = run.cells()
     todo = [c for c in cells if not run.is_done(c)]
     print(f"[epbench] suite {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished "
           f"-> {run.dir}", flush=True)
+    left = 0
     if executor != "local":
         from bench.executors import run_cells
 
         run_cells(run, todo, executor, address=address, progress=progress)
     else:
         run.meta["executor"] = {"name": "local"}
-        for cell in tqdm(todo, desc=f"suite {suite.name}", unit="cell", disable=not progress):
+        for i, cell in enumerate(tqdm(todo, desc=f"suite {suite.name}", unit="cell", disable=not progress)):
+            if stop_at is not None and time.time() >= stop_at:
+                left = len(todo) - i
+                break
             run.run_cell(cell)
-    run.finish()
+    if left:
+        run.write_tables()
+        print(f"[epbench] stop time {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stop_at))} reached: "
+              f"{len(cells) - left} of {len(cells)} cells finished, {left} left; the same `epbench run` command (with "
+              "a later stop time or none) continues it", flush=True)
+    else:
+        run.finish()
     if report:
         from bench.report import write_report
 

@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench.activations import TextActivations, pool_mean
-from bench.concepts import SAEPROBES_ENV, ConceptSet, get_concept_set, saeprobes_datasets
+from bench.concepts import SAEPROBES_DATA, SAEPROBES_ENV, ConceptSet, get_concept_set, saeprobes_datasets
 from bench.planted import make_planted
 from metrics import sparse_probing as sparse
 from metrics.probing import majority_floor, probing_metrics, top_k_by_mean_diff
@@ -240,6 +240,22 @@ def test_saeprobes_labels_sizes_and_skips(saep_root):
     assert fixed.name == "saeprobes:1_alpha"
     assert fixed.counts().loc[("1_alpha", "test")].tolist() == [8, 8, 0]
     assert fixed.counts().loc[("1_alpha", "train")].tolist() == [4, 4, 0]
+
+
+def test_saeprobes_provenance_names_the_package_version_not_this_machines_path(saep_root, monkeypatch):
+    assert saeprobes_datasets(root=saep_root, per_concept=10).meta["root"] == str(saep_root)  # a folder of one's own
+
+    class Dist:  # the installed distribution, whose data folder is saep_root
+        version = "0.4.2"
+
+        def locate_file(self, rel):
+            return saep_root if rel == SAEPROBES_DATA else None
+
+    monkeypatch.delenv(SAEPROBES_ENV, raising=False)
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    cs = saeprobes_datasets(per_concept=10)
+    assert cs.meta["root"] == f"sae-probes 0.4.2, {SAEPROBES_DATA}"
+    assert str(saep_root) not in cs.source and "sae-probes 0.4.2" in cs.source
 
 
 def test_saeprobes_split_is_deterministic_and_seeded(saep_root, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cli import _folder_name, main, os_error_line
+from bench.cli import _folder_name, main, os_error_line, stop_time
 
 DOCS = [f"line {i} about topic {i % 7} and a few more words " * 4 for i in range(120)]
 
@@ -206,3 +206,21 @@ def test_disk_full_during_a_run_is_one_line_and_the_rerun_resumes(env, monkeypat
     assert len(list(cells.glob("*.json"))) == 1 and not list(cells.glob("*.tmp"))
     monkeypatch.setattr(bench.cache, "atomic_write_text", real)
     assert main(argv) == 0 and "1 already finished" in capsys.readouterr().out
+
+
+def test_stop_after_reads_durations_and_clock_times_and_refuses_the_past(capsys):
+    import argparse
+    import datetime
+
+    now = datetime.datetime(2026, 12, 2, 13, 0, tzinfo=datetime.UTC).timestamp()
+    assert stop_time("90m", now) == now + 5400 and stop_time("2.5h", now) == now + 9000
+    assert stop_time("45s", now) == now + 45
+    assert stop_time("2026-12-02T16:00Z", now) == now + 3 * 3600
+    assert stop_time("2026-12-02T17:00+01:00", now) == now + 3 * 3600
+    for bad, why in (("soon", "neither a duration"), ("0m", "neither a duration"),
+                     ("2026-12-02T12:00Z", "in the past")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            stop_time(bad, now)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--suite", "smoke", "--stop-after", "yesterday"])
+    assert e.value.code == 2 and "neither a duration" in capsys.readouterr().err

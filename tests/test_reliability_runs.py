@@ -249,3 +249,65 @@ def test_an_interrupted_multi_fit_build_resumes_at_the_next_fit(cache, monkeypat
         for a, b in zip(resumed[L], fresh[L]):
             assert a.config.seed == b.config.seed
             torch.testing.assert_close(a.directions, b.directions, rtol=0, atol=0)
+
+
+def _stop_after_first_cell(monkeypatch):
+    """bench.runner's clock jumps a day ahead once the first cell has finished (the rest of time is untouched)."""
+    import time as real
+    import types
+
+    import bench.runner as runner
+
+    finished = []
+    original = Run.run_cell
+
+    def run_cell(self, cell):
+        rows = original(self, cell)
+        finished.append(cell.id)
+        return rows
+
+    clock = types.SimpleNamespace(**{k: getattr(real, k) for k in ("strftime", "gmtime", "localtime", "perf_counter")},
+                                  time=lambda: real.time() + (86_400 if finished else 0))
+    monkeypatch.setattr(Run, "run_cell", run_cell)
+    monkeypatch.setattr(runner, "time", clock)
+    return finished
+
+
+def test_a_stop_time_ends_the_run_after_the_cell_in_flight_and_the_next_sitting_continues(
+        tmp_path, cache, capsys, monkeypatch):
+    import time
+
+    suite = _suite(metrics=("build", "retrieval"))
+    finished = _stop_after_first_cell(monkeypatch)
+    run = run_suite(suite, tmp_path, run_id="r", progress=False, report=False, stop_at=time.time() + 3600)
+    out = capsys.readouterr().out
+    assert len(finished) == 1 and len(list(run.cells_dir.glob("*.json"))) == 1
+    assert "1 of 2 cells finished, 1 left" in out and "continues it" in out
+    meta = json.loads((run.dir / "run.json").read_text())
+    assert "finished" not in meta and pd.read_parquet(run.dir / "rows.parquet").cell_id.nunique() == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("EPBENCH_CACHE", str(cache))
+    monkeypatch.setattr("bench.runner.machine_info", lambda: {"cpu_model": "another CPU"})
+    again = run_suite(suite, tmp_path, run_id="r", progress=False, report=True)
+    assert "1 already finished" in capsys.readouterr().out
+    meta = json.loads((again.dir / "run.json").read_text())
+    assert meta["finished"] and [s["machine"].get("cpu_model") == "another CPU" for s in meta["sittings"]] == [
+        False, True]
+    cells = {json.loads(p.read_text())["cell"]["family"]: json.loads(p.read_text()) for p in run.cells_dir.glob("*")}
+    assert cells["build"]["sitting"] == 0 and cells["retrieval"]["sitting"] == 1
+    report = (again.dir / "REPORT.md").read_text()
+    assert "**sittings**: 2" in report and "1 cells; #2" in report and "machine differ between sittings" in report
+    with pytest.raises(ValueError, match="local executor only"):
+        run_suite(suite, tmp_path, run_id="r", executor="ray", stop_at=time.time() + 60)
+
+
+def test_a_run_json_from_before_sittings_keeps_its_provenance_as_the_first_sitting(tmp_path, cache):
+    run = run_suite(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False, report=False)
+    meta = json.loads((run.dir / "run.json").read_text())
+    del meta["sittings"]
+    meta["machine"] = {"cpu_model": "the old machine"}
+    (run.dir / "run.json").write_text(json.dumps(meta))
+    run_suite(_suite(metrics=("build",)), tmp_path, run_id="r", progress=False, report=False)
+    sittings = json.loads((run.dir / "run.json").read_text())["sittings"]
+    assert [s["started"] is None for s in sittings] == [True, False]
+    assert sittings[0]["machine"] == {"cpu_model": "the old machine"} != sittings[1]["machine"]

@@ -328,3 +328,43 @@ def test_causal_rows_without_clusters_are_refused_not_counted_per_prompt(tmp_pat
              _cell("m", 8, "ep:p=2", "ep", "causal.ablate.control_delta", {u: 0.0 for u in prompts})]
     table = verdicts_and_refusals(_write(tmp_path, cells))  # legacy cells: no clusters recorded
     assert not table.verdicts and "record no clusters" in table.refused[0].reason
+
+
+def test_a_spec_without_finished_cells_can_be_amended_on_request_and_the_change_is_recorded(tmp_path, capsys):
+    import dataclasses
+
+    from bench.runner import Run, amended_specs, write_cell
+    from bench.suites import get_suite
+
+    suite = get_suite("smoke")
+    run = Run(suite, tmp_path, "r", progress=False)
+    for cell in run.cells():
+        if cell.spec in ("ep", "pca") and cell.family == "build":  # the finished part of the run
+            write_cell(run.cell_path(cell), {"cell": cell.__dict__, "cell_id": cell.id, "rows": [{"value": 1.0}]})
+    del run
+
+    def amended(**changes):
+        return dataclasses.replace(suite, methods=[dataclasses.replace(m, **changes.get(m.label, {}))
+                                                   for m in suite.methods])
+
+    fewer_p = amended(**{"kmeans@K": {"match_p": [4]}})
+    with pytest.raises(ValueError, match=r"changes only method specs none of whose cells has finished \(kmeans@K\)"
+                                         r": pass --amend"):
+        Run(fewer_p, tmp_path, "r", progress=False)  # never silently
+    meta = Run(fewer_p, tmp_path, "r", progress=False, amend=True).meta
+    (a,) = meta["amendments"]
+    assert a["specs"] == ["kmeans@K"] and a["sitting"] == 1 and len(meta["sittings"]) == 2  # a refusal: no sitting
+    assert next(m for m in a["after"] if m["label"] == "kmeans@K")["match_p"] == [4]
+    assert "amended run" in capsys.readouterr().out
+    assert Run(fewer_p, tmp_path, "r", progress=False).meta["config"] == meta["config"]  # later sittings: no flag
+    # what may not be amended: a spec with a finished cell, one a finished spec is matched to, the reference SAE
+    cfg = json.loads(json.dumps(suite.to_dict(), default=str))
+    for label, change in (("pca", {"params": {"k": 4}}), ("ep", {"params": {"percentiles": [2]}}),
+                          ("sae", {"params": {"width": 8}})):
+        other = {**cfg, "methods": [{**m, **change} if m["label"] == label else m for m in cfg["methods"]]}
+        finished = {"pca"} if label != "ep" else {"sae@K"}
+        assert amended_specs(cfg, other, finished) == [], label
+    assert amended_specs(cfg, {**cfg, "methods": cfg["methods"][:-1]}, {"pca"}) == ["sae@tokens"]  # removed
+    with pytest.raises(ValueError, match=r"differs in \['store_tokens'\]\).*--force") as e:
+        Run(dataclasses.replace(fewer_p, store_tokens=7_000), tmp_path, "r", progress=False, amend=True)
+    assert "--amend" not in str(e.value)

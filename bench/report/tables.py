@@ -13,6 +13,27 @@ from bench.report.common import (
     first_metric, md_table, ordered_methods, setting_of,
 )
 
+def sittings_md(sittings: list[dict[str, Any]], df: pd.DataFrame) -> list[str]:
+    """One line for a run resumed over several sittings: when each began, its commit and cells, and whether the
+    machine or library versions changed between them (a trained SAE reproduces bit for bit only on one machine)."""
+    if len(sittings) < 2:
+        return []
+    cells = df.drop_duplicates("cell_id") if "cell_id" in df else df.iloc[:0]
+    parts = []
+    for i, sit in enumerate(sittings):
+        n = int((cells["sitting"] == i).sum()) if "sitting" in cells else 0
+        parts.append(f"#{i + 1} {_when(sit.get('started')) if sit.get('started') else 'start unrecorded'}, "
+                     f"commit `{str(sit.get('git_commit') or 'unknown')[:12]}`, {n} cells")
+    unrecorded = len(cells) - int(cells["sitting"].notna().sum()) if "sitting" in cells else len(cells)
+    if unrecorded:
+        parts.append(f"{unrecorded} cells from before cells recorded their sitting (each records its commit)")
+    same = [k for k in ("machine", "versions") if all(s.get(k) == sittings[0].get(k) for s in sittings)]
+    differ = [k for k in ("machine", "versions") if k not in same]
+    tail = (f"; {' and '.join(same)} the same in every sitting" if same else "") + (
+        f"; {' and '.join(differ)} differ between sittings (run.json `sittings`)" if differ else "")
+    return [f"- **sittings**: {len(sittings)} ({'; '.join(parts)}){tail}"]
+
+
 def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path, details: str | None = None) -> list[str]:
     """Title, provenance and how to read the report (`details`: the page the suite grid and reading notes move to,
     keeping the report itself to one page)."""
@@ -37,6 +58,10 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path, details: st
         f"- **git commit**: `{str(commit)[:12] or 'unknown'}`",
         f"- **versions**: {_kv(info.get('versions'))}",
         f"- **machine**: {_kv(info.get('machine'))}",
+        *sittings_md(info.get("sittings") or [], df),
+        *[f"- **amendment** ({_when(a.get('at'))}, sitting #{int(a.get('sitting', 0)) + 1}): method specs "
+          f"{', '.join(f'`{x}`' for x in a.get('specs') or [])} changed before any of their cells had finished "
+          "(run.json `amendments` holds them before and after)" for a in info.get("amendments") or []],
         ("- **reproducibility**: EP, k-means, PCA and random-direction rows reproduce on another machine (within "
          "1e-7); trained SAE rows reproduce bit for bit only on the same CPU, BLAS and code path (the machine line), "
          "elsewhere within their seed spread: TopK training amplifies last-bit GEMM differences (README, "
