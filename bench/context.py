@@ -13,7 +13,7 @@ import re
 import shutil
 from functools import cached_property, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class ModelContext:
         self.suite, self.model_name, self.progress = suite, model, progress
         self.layers = suite.layers_for(model)  # the layers this model is read at
         self.extras_dir: Path | None = None  # set by the Run: results/<run-id>/extras
+        self.cells_dir: Path | None = None  # set by the Run: its finished cells (match targets' recorded budgets)
         if store is not None:
             self.__dict__["store"] = store  # pre-fill the cached property
         self._artefacts: dict[str, dict[int, list[Artefact]]] = {}
@@ -419,13 +420,34 @@ class ModelContext:
         """The artefacts (one per name: seeds share a budget) whose K or tokens a matched spec copies."""
         targets: dict[str, Artefact] = {}
         for label in spec.match_to:
-            for t in self.artefacts(label, layer):
+            for t in self._recorded_targets(label, layer) or self.artefacts(label, layer):
                 if not spec.match_p or t.info.get("p") in spec.match_p:
                     targets.setdefault(t.name, t)
         if not targets:
             raise ValueError(f"method spec {spec.label!r}: no artefact of {spec.match_to} (p in {spec.match_p or 'any'})"
                              f" at layer {layer} to match; check match_to / match_p against the suite's methods")
         return list(targets.values())
+
+    def _recorded_targets(self, label: str, layer: int) -> list[RecordedTarget]:
+        """A match target's budgets as its finished build cell in this run recorded them, when that spec is not
+        loaded here: a later sitting (fresh caches) then matches to it without refitting it (the reference SAE:
+        about 40 min here). Empty when there is no such verified record; the target is then built."""
+        from bench.cells import Cell
+        from bench.runner import read_cell
+
+        if self.cells_dir is None or label in self._artefacts:
+            return []
+        rec = read_cell(self.cells_dir / f"{Cell(self.model_name, layer, label, 'build').id}.json")
+        if rec is None or rec.get("store_id") != self.store.id or not rec.get("artefacts"):
+            return []
+        try:
+            return [RecordedTarget(a["name"], a["family"], int(a["K"]), self.store.d_model,
+                                   RecordedCost(int(a["rows"]), int(a["tokens"])),
+                                   {"p": a.get("p"), **({"n_train_rows": int(a["fit_rows"])}
+                                                         if a["family"] == "kmeans" else {})})
+                    for a in rec["artefacts"]]
+        except (KeyError, TypeError, ValueError):
+            return []  # a record from before these fields were kept
 
     def _build_matched(self, spec: MethodSpec, layer: int, fits_dir: Path | None = None) -> list[Artefact]:
         """One artefact per target (per seed) with the target's K or token budget; labelled `<spec>(<target>)`."""
@@ -477,6 +499,22 @@ class ModelContext:
 
 # Config field that sets a method's dictionary size (plugins may declare `size_param` on their Method class).
 SIZE_PARAMS = {"kmeans": "k", "random": "k", "pca": "k", "sae": "width"}
+
+
+class RecordedCost(NamedTuple):
+    rows: int
+    tokens: int
+
+
+class RecordedTarget(NamedTuple):
+    """What budget matching reads of a target artefact (`budget_params`, `fit_rows`), from its build cell."""
+
+    name: str
+    method: str
+    K: int
+    d_model: int
+    cost: RecordedCost
+    info: dict[str, Any]
 
 
 def _labelled(spec: MethodSpec, art: Artefact) -> Artefact:

@@ -124,6 +124,7 @@ class Run:
                     check_hub_access(HUB_MODELS[model])
             self._contexts[model] = ModelContext(self.suite, model, self.progress)
             self._contexts[model].extras_dir = self.dir / "extras"
+            self._contexts[model].cells_dir = self.cells_dir
         return self._contexts[model]
 
     def cells(self) -> list[Cell]:

@@ -311,3 +311,33 @@ def test_a_run_json_from_before_sittings_keeps_its_provenance_as_the_first_sitti
     sittings = json.loads((run.dir / "run.json").read_text())["sittings"]
     assert [s["started"] is None for s in sittings] == [True, False]
     assert sittings[0]["machine"] == {"cpu_model": "the old machine"} != sittings[1]["machine"]
+
+
+def test_a_later_sitting_matches_to_a_targets_recorded_budget_without_refitting_it(tmp_path, cache, monkeypatch):
+    suite = _suite(methods=("ep", "kmeans@K"), metrics=("build",))
+    _stop_after_first_cell(monkeypatch)
+    import time
+
+    run_suite(suite, tmp_path, run_id="r", progress=False, report=False, stop_at=time.time() + 3600)  # EP's build
+    monkeypatch.undo()
+    built = []
+    original = ModelContext._load_or_build
+
+    def load_or_build(self, spec):
+        built.append(spec.label)
+        return original(self, spec)
+
+    monkeypatch.setattr(ModelContext, "_load_or_build", load_or_build)
+    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "fresh"))  # a new session: nothing cached
+    later = run_suite(suite, tmp_path, run_id="r", progress=False, report=False)
+    assert built == ["kmeans@K"]  # EP's K and rows came from its build cell, EP was not refitted
+    monkeypatch.setenv("EPBENCH_CACHE", str(tmp_path / "other"))
+    live = run_suite(suite, tmp_path / "live", run_id="r", progress=False, report=False)
+    assert built[1:] == ["ep", "kmeans@K"]  # a fresh run: the target is fitted (in its own build cell)
+
+    def matched(run):
+        (path,) = run.cells_dir.glob("*kmeans_K__build.json")
+        return [{k: a[k] for k in ("name", "K", "rows", "fit_rows", "matched_to")}
+                for a in json.loads(path.read_text())["artefacts"]]
+
+    assert matched(later) == matched(live) and matched(live)[0]["matched_to"]["kind"] == "K"
