@@ -23,11 +23,12 @@ token claim) with one seed. A GPU, where one is lent, may run them all with thre
 Amendment (third sitting, 2026-12-02, before any sae@K, kmeans@K or random@K cell had run; run.json `amendments`):
 the trained baselines at EP's K start at p2, and random@K takes one seed at p <= 2 as every other baseline does.
 Why: caches do not outlive a session here (a sitting of at most 3 h re-extracts the store, the concept texts and EP,
-about 32 min, measured), and every cell of a spec needs that spec's fits at all layers. Extrapolated from measured
-rates (k-means 0.1 TFLOP/s: 171 s for K 22,476 x 100k rows x 7 iterations; SAE about 130 s per 2,048 latents to
-convergence), k-means at p1's K (11k-26k) on the 989,599 rows EP streamed needs about 75 min and SAEs at that width
-about 65 min for the three layers: with the rest of each spec's fits (about 55 min) and the re-extraction that fills
-a sitting before its first cell, so the spec could never complete. From p2 each spec's fits take about an
+about 32 min, measured), and every cell of a spec needs that spec's fits at all layers. Extrapolated from rates the
+previous run measured on an Intel Xeon (k-means 0.1 TFLOP/s: 171 s for K 22,476 x 100k rows x 7 iterations; SAE
+about 130 s per 2,048 latents to convergence; the third sitting's AMD EPYC took about 4.3 min per w2048 SAE), k-means
+at p1's K (11k-26k) on the 989,599 rows EP streamed needs about 75 min and SAEs at that width about 65 min for the
+three layers. With the rest of each spec's fits (about 55 min) and the re-extraction, that fills a sitting before its
+first cell, so the spec could never complete. From p2 each spec's fits take about an
 hour. EP p1 stays in the grid: against random directions at its K and the reference SAE (exploratory); the matched
 comparison at p1 needs a GPU or a cache that survives sessions. Measured cost of a finished EP cell (six artefacts,
 one layer): detection 12-13 min, probing 2-5 min, OOD 3.5-5 min, recon 45 s, causal (L8, 2 artefacts) 17 min.
