@@ -82,6 +82,7 @@ class Run:
         meta_path = self.dir / "run.json"
         old = None if force else _read_run_json(meta_path)
         config = json.loads(json.dumps(suite.to_dict(), default=str))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # this sitting's start (and a new run's)
         amendment = None
         if old is not None and old.get("config") is not None:
             # a field added to Suite since the run started reads as its default: the grid is unchanged
@@ -102,11 +103,10 @@ class Run:
             old["sittings"] = [{"started": None, **{k: old.get(k) for k in SITTING_FIELDS}}]
         self.meta = old or {
             "run_id": self.run_id, "suite": suite.name, "config": config,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": 0.0}
+            "started": now, "wall_seconds": 0.0}
         # a resumed run may continue on another commit, library set or machine: the top-level fields are the latest
         # sitting's, `sittings` keeps every one, and each cell records the index of the sitting that computed it
         self.meta.update(versions=library_versions(), git_commit=git_commit(), machine=machine_info())
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.meta.setdefault("sittings", []).append({"started": now, **{k: self.meta[k] for k in SITTING_FIELDS}})
         self.sitting = len(self.meta["sittings"]) - 1
         if amendment is not None:
