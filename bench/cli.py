@@ -548,8 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (auto, host:6379, ray://host:10001); default: start one on this machine")
     p.add_argument("--amend", action="store_true",
-                   help="resume a run whose suite changed only in method specs none of whose cells has finished "
-                        "(e.g. a baseline reduced for budget before it ran); the change is recorded in run.json")
+                   help="resume a run whose suite changed only in method specs, or in the layers of models, none "
+                        "of whose cells has finished (e.g. a baseline reduced for budget before it ran); the change is "
+                        "recorded in run.json")
     p.add_argument("--stop-after", type=stop_time, default=None, metavar="TIME",
                    help="start no cell after this (a duration: 150m, 2.5h; or a time: 2026-12-02T16:00Z); the cell "
                         "in flight finishes and the run stays resumable (for sessions of limited length)")

@@ -88,15 +88,16 @@ class Run:
             # a field added to Suite since the run started reads as its default: the grid is unchanged
             was = {**_suite_defaults(suite, set(config) - set(old["config"])), **old["config"]}
             changed = sorted(k for k in (set(config) | set(was)) - set(PROSE_FIELDS) if config.get(k) != was.get(k))
-            specs = amended_specs(was, config, finished_specs(self.cells_dir)) if changed == ["methods"] else None
-            if changed and not (amend and specs):
-                how = (f"it changes only method specs none of whose cells has finished ({', '.join(specs)}): pass "
-                       "--amend to record it in run.json as an amendment and continue, " if specs else "")
+            amended = amendment_of(was, config, finished_cells(self.cells_dir), changed)
+            if changed and not (amend and amended):
+                how = (f"it changes only {_amended_words(amended)}, none of which has a finished cell: pass --amend to "
+                       "record it in run.json as an amendment and continue, " if amended else "")
                 raise ValueError(f"run {self.dir} was started with another {suite.name} suite (differs in {changed});"
                                  f" resuming would mix two grids: {how}pass --force to restart it or choose another "
                                  "--run-id")
             if changed:
-                amendment = {"specs": specs, "before": was["methods"], "after": config["methods"]}
+                amendment = {**amended, "before": {k: was.get(k) for k in changed},
+                             "after": {k: config.get(k) for k in changed}}
             old["config"] = config
         if old is not None and "sittings" not in old and old.get("git_commit"):
             # a run.json from before sittings were kept: what it records is its last sitting's (start unknown)
@@ -111,8 +112,8 @@ class Run:
         self.sitting = len(self.meta["sittings"]) - 1
         if amendment is not None:
             self.meta.setdefault("amendments", []).append({"at": now, "sitting": self.sitting, **amendment})
-            print(f"[epbench] amended run {self.dir}: method specs {', '.join(amendment['specs'])} (none had a "
-                  "finished cell; recorded in run.json `amendments`)", flush=True)
+            print(f"[epbench] amended run {self.dir}: {_amended_words(amendment)} (none had a finished cell; "
+                  "recorded in run.json `amendments`)", flush=True)
         atomic_write_json(meta_path, self.meta)
 
     def context(self, model: str) -> ModelContext:
@@ -185,9 +186,13 @@ class Run:
         self.write_tables()
 
 
-def finished_specs(cells_dir: Path) -> set[str]:
-    """The method-spec labels with at least one finished (readable, verified) cell."""
-    return {rec["cell"]["spec"] for rec in _cell_records(cells_dir)} if cells_dir.is_dir() else set()
+AMENDABLE_FIELDS = ("methods", "model_layers", "layers")  # a resumed run may change these (--amend), within limits
+
+
+def finished_cells(cells_dir: Path) -> set[tuple[str, str]]:
+    """The (model, method-spec label) pairs with at least one finished (readable, verified) cell."""
+    return {(rec["cell"]["model"], rec["cell"]["spec"]) for rec in _cell_records(cells_dir)} if cells_dir.is_dir() \
+        else set()
 
 
 def amended_specs(was: dict[str, Any], config: dict[str, Any], finished: set[str]) -> list[str]:
@@ -207,6 +212,39 @@ def amended_specs(was: dict[str, Any], config: dict[str, Any], finished: set[str
     if reference[0] != reference[1] or reference[0] in touched:
         touched |= finished
     return specs if specs and not touched & finished else []
+
+
+def amended_models(was: dict[str, Any], config: dict[str, Any], finished: set[str]) -> list[str]:
+    """The models whose layers differ between two suite configs with the same models, when none of them has a
+    finished cell (e.g. a model cut to fewer layers before its first cell ran). Empty when it cannot."""
+    if was.get("models") != config.get("models"):
+        return []
+
+    def layers(cfg: dict[str, Any], model: str) -> list[int]:
+        return list((cfg.get("model_layers") or {}).get(model, cfg.get("layers")))
+
+    models = [m for m in config.get("models") or [] if layers(was, m) != layers(config, m)]
+    return models if models and not set(models) & finished else []
+
+
+def amendment_of(was: dict[str, Any], config: dict[str, Any], finished: set[tuple[str, str]],
+                 changed: list[str]) -> dict[str, list[str]]:
+    """What a change of suite config amends (`specs`: method-spec labels, `models`: models read at other layers),
+    when every changed field may be amended and nothing it touches has finished; empty when it cannot amend."""
+    if not changed or not set(changed) <= set(AMENDABLE_FIELDS):
+        return {}
+    out = {}
+    if "methods" in changed:
+        out["specs"] = amended_specs(was, config, {spec for _, spec in finished})
+    if {"model_layers", "layers"} & set(changed):
+        out["models"] = amended_models(was, config, {model for model, _ in finished})
+    return out if all(out.values()) else {}
+
+
+def _amended_words(amended: dict[str, Any]) -> str:
+    return " and ".join(part for part in (
+        "method specs " + ", ".join(amended["specs"]) if amended.get("specs") else "",
+        "the layers of " + ", ".join(amended["models"]) if amended.get("models") else "") if part)
 
 
 _LEGACY_CELLS_TOLD: set[str] = set()  # cells folders whose unchecksummed (legacy) cells were announced

@@ -377,6 +377,14 @@ def matched_layers(arts: pd.DataFrame, a: str, b: str, tol: float) -> tuple[list
     return sorted(ok), refused
 
 
+def _same_k(arts: pd.DataFrame, a: str, b: str) -> bool:
+    """Whether B has exactly A's K wherever (model, layer) A is read."""
+    keys = [k for k in ("model", "layer") if k in arts]
+    ka, kb = (arts[arts["method"] == m].groupby(keys)["K"].first() if keys else
+              pd.Series([arts.loc[arts["method"] == m, "K"].iloc[0]]) for m in (a, b))
+    return set(ka.index) <= set(kb.index) and all(int(kb[i]) == int(ka[i]) for i in ka.index)
+
+
 def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str], plan: VerdictPlan | None = None
                      ) -> list[Comparison]:
     """The primary family from the plan, and the exploratory comparisons (see the module docstring)."""
@@ -419,6 +427,9 @@ def plan_comparisons(arts: pd.DataFrame, metrics: Iterable[str], plan: VerdictPl
             size_of = [m] + ([matched[m][0]] if matched.get(m, ("", ""))[1] == "K" else [])
             rnd = [r for r in labels if fam[r] == "random" and matched.get(r, ("", ""))[0] in size_of
                    and matched[r][1] == "K"]
+            # else a random-direction spec of m's own K wherever m is read (e.g. `random` k 2048 for the SAE of
+            # width 2048: random@K there would redraw the same directions)
+            rnd = rnd or [r for r in labels if fam[r] == "random" and r not in matched and _same_k(arts, m, r)]
             out += [Comparison(m, r, "vs random directions at its K", x) for r in rnd for x in SECONDARY_METRICS
                     if x in present and not x.startswith("causal.")]
         out += [Comparison(m, CONTROL, "vs selected random control", x, setting=dose.get(x, "")) for x in CONTROL_OF

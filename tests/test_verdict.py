@@ -114,6 +114,14 @@ def test_random_control_is_matched_by_k_when_available():
     comps = {(c.a, c.b): c for c in plan_comparisons(arts, ["detection.auroc"])}
     assert ("ep:p=4", "random@K(ep:p=4)") in comps and ("ep:p=4", "random") not in comps
     assert ("sae", "random") not in comps  # a random control of another size is never the control
+    assert ("random@K(ep:p=4)", "random") not in comps
+    # with no random@K matched to it, the SAE's control is a random spec of its own K at every layer, never another
+    layered = pd.DataFrame([{**r, "model": "m", "layer": L, "K": r["K"] if r["method"] != "random" else k}
+                            for L, k in ((4, 2048), (8, 2048)) for r in arts.to_dict("records")])
+    pairs = {(c.a, c.b) for c in plan_comparisons(layered, ["detection.auroc"])}
+    assert ("sae", "random") in pairs and ("ep:p=4", "random") not in pairs
+    layered.loc[(layered["method"] == "random") & (layered["layer"] == 8), "K"] = 512
+    assert ("sae", "random") not in {(c.a, c.b) for c in plan_comparisons(layered, ["detection.auroc"])}
     assert comps[("ep:p=4", "sae")].family == "exploratory"  # planned; refused later unless K matches
 
 
@@ -333,7 +341,7 @@ def test_causal_rows_without_clusters_are_refused_not_counted_per_prompt(tmp_pat
 def test_a_spec_without_finished_cells_can_be_amended_on_request_and_the_change_is_recorded(tmp_path, capsys):
     import dataclasses
 
-    from bench.runner import Run, amended_specs, write_cell
+    from bench.runner import Run, amended_models, amended_specs, write_cell
     from bench.suites import get_suite
 
     suite = get_suite("smoke")
@@ -348,13 +356,13 @@ def test_a_spec_without_finished_cells_can_be_amended_on_request_and_the_change_
                                                    for m in suite.methods])
 
     fewer_p = amended(**{"kmeans@K": {"match_p": [4]}})
-    with pytest.raises(ValueError, match=r"changes only method specs none of whose cells has finished \(kmeans@K\)"
-                                         r": pass --amend"):
+    with pytest.raises(ValueError, match=r"changes only method specs kmeans@K, none of which has a finished cell: "
+                                         r"pass --amend"):
         Run(fewer_p, tmp_path, "r", progress=False)  # never silently
     meta = Run(fewer_p, tmp_path, "r", progress=False, amend=True).meta
     (a,) = meta["amendments"]
     assert a["specs"] == ["kmeans@K"] and a["sitting"] == 1 and len(meta["sittings"]) == 2  # a refusal: no sitting
-    assert next(m for m in a["after"] if m["label"] == "kmeans@K")["match_p"] == [4]
+    assert next(m for m in a["after"]["methods"] if m["label"] == "kmeans@K")["match_p"] == [4]
     assert "amended run" in capsys.readouterr().out
     assert Run(fewer_p, tmp_path, "r", progress=False).meta["config"] == meta["config"]  # later sittings: no flag
     # what may not be amended: a spec with a finished cell, one a finished spec is matched to, the reference SAE
@@ -368,3 +376,37 @@ def test_a_spec_without_finished_cells_can_be_amended_on_request_and_the_change_
     with pytest.raises(ValueError, match=r"differs in \['store_tokens'\]\).*--force") as e:
         Run(dataclasses.replace(fewer_p, store_tokens=7_000), tmp_path, "r", progress=False, amend=True)
     assert "--amend" not in str(e.value)
+    # a model's layers: amendable only while that model has no finished cell (here every cell is the one model's)
+    with pytest.raises(ValueError, match=r"differs in \['model_layers'\]\).*--force") as e:
+        Run(dataclasses.replace(fewer_p, model_layers={"tiny-gemma2": [1]}), tmp_path, "r", progress=False, amend=True)
+    assert "--amend" not in str(e.value)
+    two = {**cfg, "models": ["a", "b"], "layers": [1, 2, 3], "model_layers": {"b": [2, 4, 6]}}
+    assert amended_models(two, {**two, "model_layers": {"b": [2, 4]}}, {"a"}) == ["b"]
+    assert amended_models(two, {**two, "model_layers": {"b": [2, 4]}}, {"b"}) == []
+    assert amended_models(two, {**two, "layers": [1, 2]}, {"b"}) == ["a"]  # the suite layers are a's, not b's
+    assert amended_models(two, {**two, "layers": [1, 2]}, {"a"}) == []
+    assert amended_models(two, {**two, "models": ["a"]}, set()) == []  # dropping a model is not an amendment
+
+
+def test_a_model_without_finished_cells_can_be_read_at_other_layers_on_request(tmp_path):
+    import dataclasses
+
+    from bench.report.tables import _amended
+    from bench.runner import Run, write_cell
+    from bench.suites import get_suite
+
+    suite = dataclasses.replace(get_suite("smoke"), models=["tiny-gemma2", "other"])
+    run = Run(suite, tmp_path, "r", progress=False)
+    cell = next(c for c in run.cells() if c.model == "tiny-gemma2" and c.family == "build")
+    write_cell(run.cell_path(cell), {"cell": cell.__dict__, "cell_id": cell.id, "rows": [{"value": 1.0}]})
+    del run
+    fewer = dataclasses.replace(suite, model_layers={"other": [2]})
+    with pytest.raises(ValueError, match=r"changes only the layers of other, none of which has a finished cell: "
+                                         r"pass --amend"):
+        Run(fewer, tmp_path, "r", progress=False)
+    run = Run(fewer, tmp_path, "r", progress=False, amend=True)
+    (a,) = run.meta["amendments"]
+    assert a["models"] == ["other"] and a["before"] == {"model_layers": {}} and a["after"] == {"model_layers":
+                                                                                                 {"other": [2]}}
+    assert {c.layer for c in run.cells() if c.model == "other" and c.family == "build"} == {2}
+    assert _amended(a) == "the layers of other (from the suite layers to [2])"

@@ -32,6 +32,19 @@ first cell, so the spec could never complete. From p2 each spec's fits take abou
 hour. EP p1 stays in the grid: against random directions at its K and the reference SAE (exploratory); the matched
 comparison at p1 needs a GPU or a cache that survives sessions. Measured cost of a finished EP cell (six artefacts,
 one layer): detection 12-13 min, probing 2-5 min, OOD 3.5-5 min, recon 45 s, causal (L8, 2 artefacts) 17 min.
+Second amendment (fourth sitting, 2026-12-02, before any random@K or Gemma cell had run):
+- random@K at EP's and PCA's K only. At the reference SAE's and k-means 2048's K it drew the very directions of the
+  `random` spec (k 2048, seeds 0-2: a draw depends on seed, layer and K alone), 18 artefacts per layer that were 3
+  draws repeated, about half of random@K's scoring; their control is now `random` itself (bench.verdict: a random
+  spec of the method's own K at every layer, where no random@K is matched to it).
+- Gemma-3-270m at two layers, 9 and 12 (56% and 72% depth), not 4/9/13: the measured cost of this design's cells
+  on SmolLM2 (EP's at layer 8: 48 min for 34k features over six artefacts, about 14 min per 10k features) puts one
+  Gemma layer, with about 119k features over all specs and their fits, at about 4 h, three at about 14 h with the
+  causal cell, against that model's 6 h budget; its issue allows two layers (about 9.5 h: still over, stated). 9 and 12 are the middle layer and the
+  one nearest the paper's depths (Gemma-2-2B layers 12 and 20 of 26: 48%, 77%), and both carry Gemma Scope 2's
+  `gemma-scope-2-270m-pt-res` SAEs (layers 5, 9, 12, 15), so a user with hub access can put the published SAEs at
+  exactly these layers. Causal and refusal cells run at its middle entry, layer 12 (the suite's layer 8 is not one
+  of this model's).
 Committed as results/full/ (cells, rows, report; no activations).
 """
 
@@ -49,7 +62,7 @@ MATCHED_P = [2, 4, 6, 8, 10]  # EP percentiles with a trained baseline at their 
 
 SUITE = Suite(
     name="full",
-    description=("SmolLM2-135M-Instruct (embedded; layers 4/8/12) and Gemma-3-270m (base; layers 4/9/13), 1M-token "
+    description=("SmolLM2-135M-Instruct (embedded; layers 4/8/12) and Gemma-3-270m (base; layers 9/12), 1M-token "
                  "stores: EP at p = 1, 2, 4, 6, 8, 10 against "
                  "TopK SAEs and spherical k-means at each EP K from p2, random directions at every EP K, the "
                  "reference TopK SAE (w2048, "
@@ -60,11 +73,11 @@ SUITE = Suite(
               "primary family with Holm; baselines at p <= 2 with one seed and no trained baseline at p1's K (CPU "
               "budget; amended before those cells ran)"),
     # two model families: SmolLM2 (Llama architecture, instruct) and Gemma-3-270m (the base model Gemma Scope 2 was
-    # trained on), Gemma at about 25/50/75% depth of its 18 layers; SmolLM2 at 4/8/12 of 30, as in every earlier
-    # run (its store and fits are reused)
+    # trained on); SmolLM2 at 4/8/12 of 30, as in every earlier run (its store and fits are reused), Gemma at two of
+    # its 18 layers (second amendment, above)
     models=["smollm2-135m", "gemma-3-270m"],
     layers=[4, 8, 12],
-    model_layers={"gemma-3-270m": [4, 9, 13]},  # 18 layers: (L + 1) / 18 = 28%, 56%, 78% depth
+    model_layers={"gemma-3-270m": [9, 12]},  # (L + 1) / 18 = 56%, 72% depth; Gemma Scope 2 res layers
     methods=[
         MethodSpec("ep", {"percentiles": [1, 2, 4, 6, 8, 10], "n_calib": 200_000}),
         MethodSpec("sae", {**SAE, "width": 2048}, seeds=SEEDS),
@@ -79,8 +92,8 @@ SUITE = Suite(
                    match_seeds=FINE_SEEDS, k_per_width=K_PER_WIDTH),
         MethodSpec("kmeans", KMEANS, label="kmeans@K", match="K", match_to=["ep"], match_p=MATCHED_P, seeds=SEEDS,
                    match_seeds=FINE_SEEDS, rows_as_target=True),
-        MethodSpec("random", {}, match="K", match_to=["ep", "sae", "kmeans", "pca"], seeds=SEEDS,
-                   match_seeds=FINE_SEEDS),
+        # (second amendment: not at the K of `sae` and `kmeans`, 2048, where `random` is the same draw)
+        MethodSpec("random", {}, match="K", match_to=["ep", "pca"], seeds=SEEDS, match_seeds=FINE_SEEDS),
         # the paper's token-efficiency claim: an SAE trained only on the tokens the EP build streamed
         MethodSpec("sae", {**SAE, "width": 2048}, match="tokens", match_to=["ep"], match_p=[8, 10], seeds=[0]),
     ],
