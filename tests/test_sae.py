@@ -529,5 +529,6 @@ def test_jumprelu_stops_on_the_nmse_rule_only_near_its_target_l0() -> None:
     jump = SAEConfig(architecture="jumprelu", width=64, k=8, training_tokens=4096, batch_rows=256, buffer_rows=512)
     topk = SAEConfig(architecture="topk", width=64, k=8, training_tokens=4096, batch_rows=256, buffer_rows=512)
     assert not l0_reached(jump, 198.0) and not l0_reached(jump, JUMPRELU_L0_SLACK * 8 + 0.01)
-    assert l0_reached(jump, 8.0) and l0_reached(jump, JUMPRELU_L0_SLACK * 8)
+    assert l0_reached(jump, 8.0) and l0_reached(jump, JUMPRELU_L0_SLACK * 8) and l0_reached(jump, 8 / JUMPRELU_L0_SLACK)
+    assert not l0_reached(jump, 0.0) and not l0_reached(jump, 8 / JUMPRELU_L0_SLACK - 0.01)  # a silent SAE: no stop
     assert l0_reached(topk, 198.0)  # TopK's L0 is k by construction: the NMSE rule alone decides
