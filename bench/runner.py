@@ -90,8 +90,8 @@ class Run:
             changed = sorted(k for k in (set(config) | set(was)) - set(PROSE_FIELDS) if config.get(k) != was.get(k))
             amended = amendment_of(was, config, finished_cells(self.cells_dir), changed)
             if changed and not (amend and amended):
-                how = (f"it changes only {_amended_words(amended)}, none of which has a finished cell: pass --amend to "
-                       "record it in run.json as an amendment and continue, " if amended else "")
+                how = (f"it changes only {amendment_words(amended)}, none of which has a finished cell: pass --amend "
+                       "to record it in run.json as an amendment and continue, " if amended else "")
                 raise ValueError(f"run {self.dir} was started with another {suite.name} suite (differs in {changed});"
                                  f" resuming would mix two grids: {how}pass --force to restart it or choose another "
                                  "--run-id")
@@ -112,7 +112,7 @@ class Run:
         self.sitting = len(self.meta["sittings"]) - 1
         if amendment is not None:
             self.meta.setdefault("amendments", []).append({"at": now, "sitting": self.sitting, **amendment})
-            print(f"[epbench] amended run {self.dir}: {_amended_words(amendment)} (none had a finished cell; "
+            print(f"[epbench] amended run {self.dir}: {amendment_words(amendment)} (none had a finished cell; "
                   "recorded in run.json `amendments`)", flush=True)
         atomic_write_json(meta_path, self.meta)
 
@@ -241,10 +241,17 @@ def amendment_of(was: dict[str, Any], config: dict[str, Any], finished: set[tupl
     return out if all(out.values()) else {}
 
 
-def _amended_words(amended: dict[str, Any]) -> str:
+def amendment_words(amended: dict[str, Any]) -> str:
+    """What an amendment changes, in words: method specs, and the layers of models (from and to, once the record
+    holds the config before and after; a record from before layers could be amended holds method lists there)."""
+    layers = [a.get("model_layers", {}) if isinstance(a := amended.get(when), dict) else {}
+              for when in ("before", "after")]
+    moved = "before" in amended
     return " and ".join(part for part in (
         "method specs " + ", ".join(amended["specs"]) if amended.get("specs") else "",
-        "the layers of " + ", ".join(amended["models"]) if amended.get("models") else "") if part)
+        "the layers of " + ", ".join(m + (f" (from {layers[0].get(m, 'the suite layers')} to "
+                                          f"{layers[1].get(m, 'the suite layers')})" if moved else "")
+                                     for m in amended["models"]) if amended.get("models") else "") if part)
 
 
 _LEGACY_CELLS_TOLD: set[str] = set()  # cells folders whose unchecksummed (legacy) cells were announced

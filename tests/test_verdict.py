@@ -391,8 +391,7 @@ def test_a_spec_without_finished_cells_can_be_amended_on_request_and_the_change_
 def test_a_model_without_finished_cells_can_be_read_at_other_layers_on_request(tmp_path):
     import dataclasses
 
-    from bench.report.tables import _amended
-    from bench.runner import Run, write_cell
+    from bench.runner import Run, amendment_words, write_cell
     from bench.suites import get_suite
 
     suite = dataclasses.replace(get_suite("smoke"), models=["tiny-gemma2", "other"])
@@ -409,4 +408,4 @@ def test_a_model_without_finished_cells_can_be_read_at_other_layers_on_request(t
     assert a["models"] == ["other"] and a["before"] == {"model_layers": {}} and a["after"] == {"model_layers":
                                                                                                  {"other": [2]}}
     assert {c.layer for c in run.cells() if c.model == "other" and c.family == "build"} == {2}
-    assert _amended(a) == "the layers of other (from the suite layers to [2])"
+    assert amendment_words(a) == "the layers of other (from the suite layers to [2])"

@@ -13,17 +13,6 @@ from bench.report.common import (
     first_metric, md_table, ordered_methods, setting_of,
 )
 
-def _amended(a: dict[str, Any]) -> str:
-    """What one run.json amendment changed, in words: method specs, and the layers of models."""
-    layers = [a.get(when, {}).get("model_layers", {}) if isinstance(a.get(when), dict) else {}
-              for when in ("before", "after")]
-    return " and ".join(part for part in (
-        ("method specs " + ", ".join(f"`{x}`" for x in a["specs"])) if a.get("specs") else "",
-        ("the layers of " + ", ".join(f"{m} (from {layers[0].get(m, 'the suite layers')} to "
-                                      f"{layers[1].get(m, 'the suite layers')})" for m in a["models"]))
-        if a.get("models") else "") if part)
-
-
 def sittings_md(sittings: list[dict[str, Any]], df: pd.DataFrame) -> list[str]:
     """One line for a run resumed over several sittings: when each began, its commit and cells, and whether the
     machine or library versions changed between them (a trained SAE reproduces bit for bit only on one machine)."""
@@ -48,6 +37,8 @@ def sittings_md(sittings: list[dict[str, Any]], df: pd.DataFrame) -> list[str]:
 def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path, details: str | None = None) -> list[str]:
     """Title, provenance and how to read the report (`details`: the page the suite grid and reading notes move to,
     keeping the report itself to one page)."""
+    from bench.runner import amendment_words
+
     suite = info.get("suite") or (df["suite"].iloc[0] if "suite" in df else "unknown")
     commit = info.get("git_commit") or (df["git_commit"].iloc[0] if "git_commit" in df else "")
     out = [f"# epbench report: suite `{suite}`, run `{info.get('run_id', run_dir.name)}`", ""]
@@ -70,9 +61,9 @@ def header_md(info: dict[str, Any], df: pd.DataFrame, run_dir: Path, details: st
         f"- **versions**: {_kv(info.get('versions'))}",
         f"- **machine**: {_kv(info.get('machine'))}",
         *sittings_md(info.get("sittings") or [], df),
-        *[f"- **amendment** ({_when(a.get('at'))}, sitting #{int(a.get('sitting', 0)) + 1}): {_amended(a)} changed "
-          "before any of their cells had finished (run.json `amendments` holds them before and after)"
-          for a in info.get("amendments") or []],
+        *[f"- **amendment** ({_when(a.get('at'))}, sitting #{int(a.get('sitting', 0)) + 1}): "
+          f"{amendment_words(a)} changed before any of their cells had finished (run.json `amendments` holds them "
+          "before and after)" for a in info.get("amendments") or []],
         ("- **reproducibility**: EP, k-means, PCA and random-direction rows reproduce on another machine (within "
          "1e-7); trained SAE rows reproduce bit for bit only on the same CPU, BLAS and code path (the machine line), "
          "elsewhere within their seed spread: TopK training amplifies last-bit GEMM differences (README, "
