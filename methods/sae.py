@@ -39,6 +39,7 @@ from methods.common import PeakMemory, stream_rows, tokens_behind
 if TYPE_CHECKING:
     from bench.store import ActivationStore
 
+JUMPRELU_INITS = ("constant", "quantile")  # how a trained JumpReLU SAE's thresholds start (SAEConfig.jumprelu_init)
 TRAIN_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka")  # what `architecture` may name
 # sae-lens' training-class name of each (matryoshka: MatryoshkaBatchTopKTrainingSAE, saved as JumpReLU like batchtopk)
 SAE_LENS_TRAINING_NAMES = {"topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu",
@@ -91,6 +92,10 @@ class SAEConfig(MethodConfig):
     batch_rows: int = 4096  # rows per optimiser step
     buffer_rows: int = 65_536  # sae-lens mixing buffer: rows shuffled together before batches are served
     l0_coefficient: float = 1.0  # jumprelu only: weight of the L0 penalty
+    jumprelu_init: str = "constant"  # jumprelu only: constant (every threshold at jumprelu_init_threshold, sae-lens'
+    # start) | quantile (each latent's threshold at its (1 - k/width) pre-activation quantile on the first training
+    # batch, so training starts at mean L0 ~ k; see `init_thresholds_from_data`)
+    jumprelu_init_threshold: float = 0.01  # jumprelu, constant init: the initial threshold (sae-lens' default 0.01)
     dead_feature_window: int = 1000  # steps without firing before a latent counts as dead (TopK aux loss)
     normalize_activations: str = "expected_average_only_in"  # rows scaled to mean norm sqrt(d), folded in; or none
     seed: int = 0  # weight init, store shuffle and mixing-buffer order
@@ -132,16 +137,22 @@ class SAEConfig(MethodConfig):
         if self.init_b_dec not in ("mean", "zeros") or not 0 < self.dense_threshold < 1:
             raise ValueError(f"need init_b_dec in (mean, zeros) and 0 < dense_threshold < 1, got "
                              f"{self.init_b_dec!r}, {self.dense_threshold}")
+        if self.jumprelu_init not in JUMPRELU_INITS or self.jumprelu_init_threshold < 0:
+            raise ValueError(f"need jumprelu_init in {JUMPRELU_INITS} and jumprelu_init_threshold >= 0, got "
+                             f"{self.jumprelu_init!r}, {self.jumprelu_init_threshold}")
         if self.train_threads is not None and self.train_threads < 1:
             raise ValueError(f"train_threads must be >= 1 (or None: the process's thread count), "
                              f"got {self.train_threads}")
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields, but `train_threads` only when set: a config from before the field existed records (rows'
-        method_config, cfg.json) the same text, so a rerun's rows compare equal to the committed reference's."""
+        """All fields, but `train_threads` only when set and the JumpReLU init fields only when not at their defaults:
+        a config from before a field existed records (rows' method_config, cfg.json) the same text, so a rerun's
+        rows compare equal to the committed reference's."""
         d = super().to_dict()
-        if d["train_threads"] is None:
-            del d["train_threads"]
+        for name, default in (("train_threads", None), ("jumprelu_init", "constant"),
+                              ("jumprelu_init_threshold", 0.01)):
+            if d[name] == default:
+                del d[name]
         return d
 
 
@@ -628,7 +639,7 @@ def _training_sae(cfg: SAEConfig, d: int, device: str, store: "ActivationStore",
     elif cfg.architecture == "jumprelu":
         # The Gemma Scope 2 quadratic L0 penalty steers the mean L0 toward k, so k means the same for all three.
         extra = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(cfg.k),
-                 "l0_coefficient": cfg.l0_coefficient}
+                 "l0_coefficient": cfg.l0_coefficient, "jumprelu_init_threshold": cfg.jumprelu_init_threshold}
     sae_cfg = cfg_cls(d_in=d, d_sae=cfg.width, dtype="float32", device=device,
                       normalize_activations=cfg.normalize_activations,
                       metadata=SAEMetadata(model_name=store.model, hook_name=store.hook_name(layer)), **extra)
@@ -737,11 +748,29 @@ def l0_reached(cfg: SAEConfig, mean_l0: float) -> bool:
     the L0 penalty is still moving L0 is not convergence, nor is an SAE whose latents have all stopped firing (its
     NMSE plateaus at 1). Measured on synth-cpu (width 512, k 8, cap 4M rows = 3,906 steps at lr 3e-4, seed 0): the
     NMSE rule alone stopped at step 878 with L0 198; with the upper bound training ran to the cap and ended at L0
-    30.7, EV 0.852. The L0 it ends at is set by where the thresholds start (sae-lens' jumprelu_init_threshold), not
-    by l0_coefficient: Adam moves a threshold by about lr per step, about 1.2 over this budget. Initial threshold
-    0.5: L0 13.3, EV 0.80; 1.0: every latent silent from the start (L0 0, EV 0.00), which the upper bound alone
-    accepted as converged at step 488."""
+    30.7, EV 0.852. Within a budget that short the L0 it ends at is set by where the thresholds start, not by
+    l0_coefficient (1 and 10: the same L0): Adam moves a threshold by about lr per step, about 1.2 over this budget.
+    Initial threshold 0.5: L0 13.3, EV 0.80; 1.0: every latent silent from the start (L0 0, EV 0.00), which the upper
+    bound alone accepted as converged at step 488. `jumprelu_init="quantile"` (init_thresholds_from_data) starts at
+    L0 ~k; with it and a 12M-row cap this rule stopped the same SAE at step ~5,000, L0 9.7 (bench/suites/synth.py)."""
     return cfg.architecture != "jumprelu" or cfg.k / JUMPRELU_L0_SLACK <= mean_l0 <= JUMPRELU_L0_SLACK * cfg.k
+
+
+@torch.no_grad()
+def init_thresholds_from_data(sae: Any, x_ND: torch.Tensor, k: int) -> torch.Tensor:
+    """Start each JumpReLU latent's threshold at its (1 - k/width) pre-activation quantile on the rows x_ND (scaled
+    as the SAE sees them), floored at 0 (sae-lens keeps thresholds >= 0), so each latent fires on about a k/width
+    share of the rows and training starts at mean L0 ~ k. Returns the thresholds.
+
+    Why: with sae-lens' constant start (0.01) the final L0 is set by the start, not by the L0 penalty, because Adam
+    moves a threshold by about lr per step (measured on synth-cpu, width 512, k 8, 3,906 steps at lr 3e-4: start
+    0.01 ends at L0 30.7, 0.5 at 13.3, 1.0 silences every latent). A reduced training budget cannot move thresholds
+    far enough; starting them where the target L0 puts them removes that dependence."""
+    _, pre_NK = sae.encode_with_hidden_pre(x_ND)
+    q = 1.0 - k / pre_NK.shape[1]
+    threshold = torch.quantile(pre_NK.float(), q, dim=0).clamp(min=0.0)
+    sae.threshold.data.copy_(threshold.to(sae.threshold.dtype))
+    return threshold
 
 
 def _linear_decay(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -845,6 +874,8 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
             # Adam moves b_dec by about lr per step, so without this the SAE spends its steps learning the offset.
             mean = split.train_mean.float().to(device)
             trainer.sae.b_dec.data.copy_(trainer.activation_scaler(mean[None])[0])
+        if cfg.architecture == "jumprelu" and cfg.jumprelu_init == "quantile":
+            init_thresholds_from_data(trainer.sae, trainer.activation_scaler(next(rows).to(device)), cfg.k)
         min_steps = cfg.converge_min_steps
         if cfg.architecture in ("batchtopk", "matryoshka"):
             # The saved JumpReLU threshold is an EMA of the batch top-k threshold started at 0: its held-out NMSE

@@ -532,3 +532,32 @@ def test_jumprelu_stops_on_the_nmse_rule_only_near_its_target_l0() -> None:
     assert l0_reached(jump, 8.0) and l0_reached(jump, JUMPRELU_L0_SLACK * 8) and l0_reached(jump, 8 / JUMPRELU_L0_SLACK)
     assert not l0_reached(jump, 0.0) and not l0_reached(jump, 8 / JUMPRELU_L0_SLACK - 0.01)  # a silent SAE: no stop
     assert l0_reached(topk, 198.0)  # TopK's L0 is k by construction: the NMSE rule alone decides
+
+
+def test_quantile_init_starts_each_jumprelu_latent_at_its_target_firing_rate() -> None:
+    """Oracle: numpy's quantile of the pre-activations sae-lens computes; the SAE then fires k/width of the time."""
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+    from methods.sae import init_thresholds_from_data
+
+    width, k, d = 64, 4, 16
+    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=width, jumprelu_sparsity_loss_mode="quadratic",
+                                                        target_l0=float(k), device="cpu"))
+    x = torch.randn(2048, d) * 3 + 1
+    with torch.no_grad():
+        pre = sae.encode_with_hidden_pre(x)[1].numpy()
+    got = init_thresholds_from_data(sae, x, k)
+    want = np.maximum(np.quantile(pre, 1 - k / width, axis=0), 0.0)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(sae.threshold.data, got)
+    with torch.no_grad():
+        l0 = float((sae.encode_with_hidden_pre(x)[0] != 0).sum(1).float().mean())
+    assert l0 == pytest.approx(k, abs=0.1)  # vs sae-lens' constant 0.01 start: about half of the 64 latents fire
+
+
+def test_jumprelu_init_fields_validate_and_stay_out_of_old_records() -> None:
+    base = SAEConfig(architecture="jumprelu").to_dict()
+    assert "jumprelu_init" not in base and "jumprelu_init_threshold" not in base  # defaults: old records unchanged
+    assert SAEConfig(architecture="jumprelu", jumprelu_init="quantile").to_dict()["jumprelu_init"] == "quantile"
+    with pytest.raises(ValueError, match="jumprelu_init in"):
+        SAEConfig(architecture="jumprelu", jumprelu_init="median")

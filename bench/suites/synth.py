@@ -13,9 +13,19 @@ On a GPU, SynthSAEBench-16k itself: models=["synth-16k"], SAE width 4096 and k 2
 
 Measured fits on a shared 2-core CPU (seed 0, this store): EP p=1/5/10 K = 3,240 / 234 / 96 in 4-8 s; SAEs at width
 512, batch 1024, cap 4M rows (3,906 steps, none converged by the rule before the cap): batchtopk 157 s, topk 98 s,
-matryoshka 170 s; jumprelu stopped by the rule after 878 steps (27 s) at L0 198, far above its target 8 (its
-quadratic L0 penalty had not yet pulled L0 down: the NMSE rule does not watch L0); frozen_sae 7 s (converged);
+matryoshka 170 s; frozen_sae 7 s (converged);
 k-means k=512 19 s; PCA, random < 1 s; scoring one artefact 2-6 s (EP p=1: 33 s). The whole grid: ~45-60 min.
+
+JumpReLU gets its own start and cap. Its L0 is set by thresholds that Adam moves by about lr per step (3,906 steps
+at 3e-4: about 1.2 in all), not by the L0 coefficient (1 and 10 gave L0 15.06 and 14.97), so at the others' 4M-row
+cap it cannot reach its target: from sae-lens' constant start (0.01) it ended at L0 30.7 (EV 0.852), from a start
+at each latent's (1 - k/width) pre-activation quantile (`jumprelu_init="quantile"`) at 15.1 (EV 0.811), the
+encoder having pushed L0 to ~150 in the first 400 steps. With the quantile start and a 12M-row cap the stopping
+rule, which waits until held-out L0 is within 1.5x of k (methods/sae.py: l0_reached), stopped it after ~5,000
+steps (~5.1M rows, 244 s) at L0 9.7, EV 0.798 (seed 0). SynthSAEBench compares architectures at one L0, so
+JumpReLU is read at its target L0 with ~1.3x the rows of the others; its rows record what it read. (A run of this
+suite before 2026-12-02 scored a JumpReLU that an older rule stopped at step 878 with L0 198; its cells were
+removed and rerun under this spec, recorded in run.json `amendments`.)
 """
 
 from bench.suites import MethodSpec, MetricPair, Suite, VerdictPlan
@@ -33,7 +43,8 @@ SUITE = Suite(
         MethodSpec("ep", {"percentiles": [1, 5, 10]}),
         MethodSpec("sae", {**SAE, "architecture": "batchtopk"}, label="sae", seeds=SEEDS),
         MethodSpec("sae", {**SAE, "architecture": "topk"}, label="sae-topk", seeds=SEEDS),
-        MethodSpec("sae", {**SAE, "architecture": "jumprelu"}, label="sae-jumprelu", seeds=SEEDS),
+        MethodSpec("sae", {**SAE, "architecture": "jumprelu", "jumprelu_init": "quantile",
+                            "training_tokens": 12_000_000}, label="sae-jumprelu", seeds=SEEDS),  # see docstring
         MethodSpec("sae", {**SAE, "architecture": "matryoshka"}, label="sae-matryoshka", seeds=SEEDS),
         MethodSpec("frozen_sae", {"width": WIDTH, "k": K, "batch_rows": 1024, "training_tokens": 4_000_000},
                    label="frozen_sae", seeds=SEEDS),
