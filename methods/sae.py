@@ -949,7 +949,8 @@ def train_on_store(cfg: SAEConfig, store: "ActivationStore", layer: int) -> SAEA
         source="trained", training_architecture=cfg.architecture, sae_model_name=store.model,
         sae_hook_name=store.hook_name(layer), **_arch_info(inference, arch),
         label=f"sae:{cfg.architecture}-w{cfg.width}-k{cfg.k}" + (
-            f"-tokens{cfg.token_budget}" if cfg.token_budget is not None else ""),
+            f"-tokens{cfg.token_budget}" if cfg.token_budget is not None else
+            f"-rows{cfg.training_tokens}" if cfg.converge_tol == 0 else ""),  # a fixed budget names the SAE
         budget=budget,
         training={"rows": trained, "steps": steps, "epochs": trained / split.train_rows,
                   "store_passes": meter.store_passes, "converged": converged, "stop_reason": stop_reason,

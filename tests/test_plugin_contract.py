@@ -247,7 +247,7 @@ def test_matched_spec_strings_parse_into_spec_fields():
             MethodSpec.parse(bad)
 
 
-@pytest.mark.parametrize("suite", ["smoke", "default", "full", "paper", "synth"])
+@pytest.mark.parametrize("suite", ["smoke", "default", "full", "paper", "synth", "synth16k"])
 def test_every_suite_spec_round_trips_through_its_method_string(suite):
     for spec in get_suite(suite).methods:
         text = spec.to_text()

@@ -249,3 +249,26 @@ def test_csv_rows_without_run_json_and_concept_set_matching(tmp_path):
     k = {(c[2], c[3]): (c[4], c[5]) for c in _table_rows(_section(md, "### Dictionary size K", "### AxBench"))
          if len(c) == 6 and c[0] == "gemma-2-2b-it" and c[2] == "ep:p=1"}
     assert k[("ep:p=1", "K")] == ("5,800", "5,796")
+
+
+def test_ground_truth_table_prints_the_published_synthsaebench_row_beside_ours_with_the_gap():
+    from bench.report.verdicts import ground_truth_md
+
+    def rows(method, cfg, f1, mcc, epochs):
+        base = {"method": method, "model": "synth-16k", "method_config": json.dumps(cfg), "seed": 0}
+        return [{**base, "metric": m, "value": v} for m, v in
+                (("ground_truth.f1", f1), ("ground_truth.mcc", mcc), ("build.epochs", epochs), ("build.K", 4096.0))]
+
+    pub_cfg = {"architecture": "batchtopk", "width": 4096, "k": 25, "training_tokens": 4_000_000}
+    df = pd.DataFrame(rows("sae:batchtopk-w4096-k25-rows4000000", pub_cfg, 0.5, 0.6, 4.5)
+                      + rows("sae:topk-w4096-k25", {**pub_cfg, "architecture": "topk"}, 0.1, 0.2, 1.0)
+                      + rows("sae:batchtopk-w512-k8", {**pub_cfg, "width": 512, "k": 8}, 0.1, 0.2, 1.0))
+    md = "\n".join(ground_truth_md(df, load_published()))
+    gap = _section(md, "Published beside ours")
+    table = _table_rows(gap)
+    # only the SAE at the published architecture, width and k, once per published metric it has
+    assert [r[1] for r in table] == ["sae:batchtopk-w4096-k25-rows4000000"] * 2
+    f1 = next(r for r in table if r[4] == "f1")
+    assert f1[2:4] == ["4,000,000", "4.500"] and f1[5:] == ["0.500", "0.732", "-0.232"]  # 0.5 - 0.7316
+    mcc = next(r for r in table if r[4] == "mcc")
+    assert mcc[5:] == ["0.600", "0.757", "-0.157"]  # 0.6 - 0.7574

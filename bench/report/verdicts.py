@@ -4,6 +4,7 @@ baseline was at its best (SAE training curves and convergence, k-means iteration
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -283,4 +284,35 @@ def ground_truth_md(df: pd.DataFrame, published: list[Any]) -> list[str]:
         body.append([f"published: {e.model}", f"{e.method} (width 4096, L0 25, 200M samples)", "4,096", "—",
                      *[MISSING if vals.get(c) is None else fmt_num(vals[c]) for c in GROUND_TRUTH_COLUMNS]])
     return out + [md_table(["model", "dictionary", "K", "seeds", *GROUND_TRUTH_COLUMNS], body,
-                           right=(2, 3, 4, 5, 6, 7, 8, 9)), ""]
+                           right=(2, 3, 4, 5, 6, 7, 8, 9)), ""] + published_gap_md(gt, df, published)
+
+
+PUBLISHED_WIDTH, PUBLISHED_K = 4096, 25  # SynthSAEBench's published rows
+
+
+def published_gap_md(gt: pd.DataFrame, df: pd.DataFrame, published: list[Any]) -> list[str]:
+    """Ours beside each published SynthSAEBench row, with the gap, for the SAEs of this run that have the published
+    model, architecture, width and k (read from the rows' method config), one line per training budget."""
+    pub = [e for e in published if getattr(e, "table", "") == "synthsaebench"]
+    body = []
+    for (model, method), g in gt.groupby(["model", "method"], sort=False):
+        cfg = json.loads(g["method_config"].iloc[0] or "{}")
+        if (cfg.get("width"), cfg.get("k")) != (PUBLISHED_WIDTH, PUBLISHED_K):
+            continue
+        rows = df[(df["method"] == method) & (df["metric"] == "build.epochs")]["value"]
+        for e in pub:
+            if (e.model, e.method) != (model, cfg.get("architecture")):
+                continue
+            v = g.loc[g["metric"] == e.metric, "value"].astype(float)
+            if v.empty:
+                continue
+            body.append([model, method, fmt_num(cfg.get("training_tokens")), fmt_num(rows.mean()) if len(rows)
+                         else MISSING, e.metric.split(".")[-1], fmt_num(v.mean()), fmt_num(e.value),
+                         f"{v.mean() - e.value:+.3f}"])
+    if not body:
+        return []
+    return ["Published beside ours: each SAE of this run at the published model, architecture, width and k (training "
+            "rows capped at the stated budget, passes over the store's pool in `epochs`), against the published row "
+            "(200M fresh samples). gap = ours - published.", "",
+            md_table(["model", "dictionary", "training rows", "epochs", "metric", "ours", "published", "gap"], body,
+                     right=(2, 3, 5, 6, 7)), ""]

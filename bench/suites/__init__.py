@@ -326,8 +326,10 @@ class Suite:
 
 
 def sae_spec(suite: Suite) -> MethodSpec | None:
-    """The suite's first SAE spec: the SAE that EP's correspondence and cost cells compare with."""
-    return next((s for s in suite.methods if s.method == "sae"), None)
+    """The SAE that EP's correspondence, cost and ground-truth cells compare with: the spec labelled `sae`, else
+    the first SAE spec not matched to another's budget, else the first SAE spec."""
+    saes = sorted((s for s in suite.methods if s.method == "sae"), key=lambda s: (s.label != "sae", bool(s.match)))
+    return saes[0] if saes else None
 
 
 def available_suites() -> list[str]:

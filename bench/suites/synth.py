@@ -8,8 +8,8 @@ most frequent quarter of the features (25.6 at 16k), here 8 (8.4). The store is 
 by the held-out convergence rule, see methods/sae.py); scored on 100,076 fresh eval samples (seed 1,000,003). Each
 stochastic method is fitted with 3 seeds (EP and PCA are deterministic: one fit).
 
-On a GPU, SynthSAEBench-16k itself: models=["synth-16k"], SAE width 4096 and k 25, a larger store_tokens
-(generating 16k on this project's 2-core CPU takes ~80 min for the orthogonalisation alone, ~240 samples/s).
+SynthSAEBench-16k itself, at the published width and k with the published row beside ours, is the `synth16k`
+suite (bench/suites/synth16k.py).
 
 Measured fits on a shared 2-core CPU (seed 0, this store): EP p=1/5/10 K = 3,240 / 234 / 96 in 4-8 s; SAEs at width
 512, batch 1024, cap 4M rows (3,906 steps, none converged by the rule before the cap): batchtopk 157 s, topk 98 s,
