@@ -255,6 +255,7 @@ def seeds_md(cells: list[dict[str, Any]]) -> list[str]:
 
 
 GROUND_TRUTH_COLUMNS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_fraction")
+PUBLISHED_WIDTH, PUBLISHED_K = 4096, 25  # SynthSAEBench's published rows
 
 
 def ground_truth_md(df: pd.DataFrame, published: list[Any]) -> list[str]:
@@ -281,13 +282,11 @@ def ground_truth_md(df: pd.DataFrame, published: list[Any]) -> list[str]:
             continue
         vals = {x.metric.split(".")[-1]: x.value for x in published
                 if x.table == e.table and x.method == e.method}
-        body.append([f"published: {e.model}", f"{e.method} (width 4096, L0 25, 200M samples)", "4,096", "—",
+        body.append([f"published: {e.model}", f"{e.method} (width {PUBLISHED_WIDTH}, L0 {PUBLISHED_K}, 200M samples)",
+                     fmt_num(PUBLISHED_WIDTH), "—",
                      *[MISSING if vals.get(c) is None else fmt_num(vals[c]) for c in GROUND_TRUTH_COLUMNS]])
     return out + [md_table(["model", "dictionary", "K", "seeds", *GROUND_TRUTH_COLUMNS], body,
                            right=(2, 3, 4, 5, 6, 7, 8, 9)), ""] + published_gap_md(gt, df, published)
-
-
-PUBLISHED_WIDTH, PUBLISHED_K = 4096, 25  # SynthSAEBench's published rows
 
 
 def published_gap_md(gt: pd.DataFrame, df: pd.DataFrame, published: list[Any]) -> list[str]:
@@ -299,14 +298,14 @@ def published_gap_md(gt: pd.DataFrame, df: pd.DataFrame, published: list[Any]) -
         cfg = json.loads(g["method_config"].iloc[0] or "{}")
         if (cfg.get("width"), cfg.get("k")) != (PUBLISHED_WIDTH, PUBLISHED_K):
             continue
-        rows = df[(df["method"] == method) & (df["metric"] == "build.epochs")]["value"]
+        epochs = df[(df["method"] == method) & (df["metric"] == "build.epochs")]["value"]
         for e in pub:
             if (e.model, e.method) != (model, cfg.get("architecture")):
                 continue
             v = g.loc[g["metric"] == e.metric, "value"].astype(float)
             if v.empty:
                 continue
-            body.append([model, method, fmt_num(cfg.get("training_tokens")), fmt_num(rows.mean()) if len(rows)
+            body.append([model, method, fmt_num(cfg.get("training_tokens")), fmt_num(epochs.mean()) if len(epochs)
                          else MISSING, e.metric.split(".")[-1], fmt_num(v.mean()), fmt_num(e.value),
                          f"{v.mean() - e.value:+.3f}"])
     if not body:
