@@ -41,15 +41,16 @@ def expand_cells(suite: Suite) -> list[Cell]:
                 if not _applies(spec, family, suite) or not family_applies(family, model)[0]:
                     continue  # nothing to measure (e.g. text families on a synthetic model, or the reverse)
                 model_layers = suite.layers_for(model)
+                spec_layers = spec.layers_of(model, model_layers)
                 if family in CROSS_LAYER_FAMILIES:
-                    if len(model_layers) > 1:
+                    if len(spec_layers) > 1:
                         cells.append(Cell(model, ALL_LAYERS, spec.label, family))
                     continue
                 layers = model_layers
                 if family in suite.family_layers:  # limited to a few layers: those the model has, else its middle one
                     layers = [L for L in suite.family_layers[family] if L in model_layers] or [
                         model_layers[len(model_layers) // 2]]
-                cells.extend(Cell(model, layer, spec.label, family) for layer in layers)
+                cells.extend(Cell(model, layer, spec.label, family) for layer in layers if layer in spec_layers)
     order = {f: i for i, f in enumerate(suite.metrics)}
     specs = {s.label: i for i, s in enumerate(suite.methods)}
     return sorted(cells, key=lambda c: (suite.models.index(c.model), specs[c.spec], order[c.family] != 0,

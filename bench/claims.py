@@ -185,10 +185,16 @@ def claim_detection(df: pd.DataFrame, units: pd.DataFrame, verdicts: list[Verdic
             continue
         crit = (f"fixed setting: EP at its finest p ({ep}, the paper's p1); (a) matched K: the primary verdict row "
                 f"{ep} vs sae@K({ep}) on {metric}{' vs ' + metric_b if metric_b else ''} says `better` (Holm over "
-                "the primary family); control: the SAE at EP's K, same rule on both sides")
+                "the primary family), else, where an SAE was built at EP's K at some layers only, the same "
+                "comparison there (one unadjusted test); control: the SAE at EP's K, same rule on both sides")
         v = _verdict(verdicts, ep, f"sae@K({ep})", metric)
         status = _status_of(v, "better")
         measured = [f"(a) {_row_text(v)}" if v is not None and v.result is not None else "(a) no SAE at EP's K"]
+        other = _matched_sae(arts, ep) if v is None or v.result is None else None
+        if other is not None:
+            layers = ", ".join(f"L{int(x)}" for x in sorted(arts.loc[arts["method"] == other, "layer"].unique()))
+            text, status = _single_test(units, Comparison(ep, other, "claim", metric, metric_b), VerdictConfig())
+            measured = [f"(a) at EP's K where an SAE was built there ({layers}): {text}"]
         below = _below_k(df, arts, sae)
         if below is not None:
             text, st_b = _single_test(units, Comparison(below, sae, "claim", metric, metric_b), VerdictConfig())
@@ -198,6 +204,15 @@ def claim_detection(df: pd.DataFrame, units: pd.DataFrame, verdicts: list[Verdic
                                "different model and concepts (SmolLM2 / WordNet, BBC); the direction is tested",
                                version))
     return out
+
+
+def _matched_sae(arts: pd.DataFrame, ep: str) -> str | None:
+    """An SAE built at `ep`'s K (any matched SAE spec, e.g. one fitted at a few layers only), if the run has one."""
+    if arts.empty or "matched_to" not in arts:
+        return None
+    hits = [r.method for r in arts.itertuples() if r.family == "sae" and isinstance(r.matched_to, dict)
+            and r.matched_to.get("artefact") == ep and r.matched_to.get("kind") == "K"]
+    return hits[0] if hits else None
 
 
 def _below_k(df: pd.DataFrame, arts: pd.DataFrame, sae: str) -> str | None:

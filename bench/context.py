@@ -56,7 +56,7 @@ class ModelContext:
     def store(self) -> ActivationStore:
         s = self.suite
         req = ExtractionRequest(model=self.model_name, layers=self.layers, corpus=s.corpus, tokens=s.store_tokens,
-                                ctx_len=s.ctx_len, seed=s.seed, dtype=s.store_dtype)
+                                ctx_len=s.ctx_len, seed=s.seed, dtype=s.store_dtype_for(self.model_name))
         return extract(req, progress=self.progress, device=s.device)
 
     def text_store(self, name: str, texts: list[str]) -> ActivationStore:
@@ -165,8 +165,12 @@ class ModelContext:
     def spec(self, label: str) -> MethodSpec:
         return next(s for s in self.suite.methods if s.label == label)
 
+    def spec_layers(self, spec: MethodSpec) -> list[int]:
+        """The layers a spec is built at here: every layer of this model, or those its `at_layers` names."""
+        return spec.layers_of(self.model_name, self.layers)
+
     def artefacts(self, label: str, layer: int) -> list[Artefact]:
-        """The artefacts of one method spec at one layer (built for every suite layer at once, cached on disk)."""
+        """The artefacts of one method spec at one layer (built for all of its layers at once, cached on disk)."""
         if label not in self._artefacts:
             self._artefacts[label] = self._load_or_build(self.spec(label))
         return self._artefacts[label][layer]
@@ -227,7 +231,7 @@ class ModelContext:
             src = inspect.getsourcefile(mod) if mod is not None else None
             code.update(Path(src).read_bytes() if src else repr(cls).encode())
         code.update((Path(__file__).resolve().parents[1] / "methods" / "common.py").read_bytes())
-        inputs: dict[str, Any] = {"layers": sorted(self.layers), "code": code.hexdigest()}
+        inputs: dict[str, Any] = {"layers": sorted(self.spec_layers(spec)), "code": code.hexdigest()}
         files = self.loaded_files(spec)
         if files:  # a dictionary loaded from disk is as new as its files' bytes, not its path string
             inputs["files"] = files
@@ -269,8 +273,9 @@ class ModelContext:
         try:
             saved = json.loads(index.read_text())
             out = {int(L): [load_artefact(root / p) for p in paths] for L, paths in saved.items()}
-            if set(out) != set(self.layers):
-                raise ArtefactError(f"{index} covers layers {sorted(out)}, not {sorted(self.layers)}")
+            want = self.spec_layers(spec) if spec is not None else self.layers
+            if set(out) != set(want):
+                raise ArtefactError(f"{index} covers layers {sorted(out)}, not {sorted(want)}")
             for L, paths in saved.items():
                 seen: set[str] = set()
                 for rel, art in zip(paths, out[int(L)]):
@@ -388,7 +393,7 @@ class ModelContext:
         from methods.registry import get_method
 
         cls = get_method(spec.method)
-        layers = self.layers
+        layers = self.spec_layers(spec)
         if spec.match:
             return {L: self._build_matched(spec, L, fits_dir) for L in layers}
         if spec.method == "ep":

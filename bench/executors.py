@@ -272,7 +272,7 @@ def _build_task(suite: Suite, run_id: str, extras_dir: str, model: str, label: s
     a budget from (`upstream`)."""
     run = _task_run(suite, run_id, extras_dir, prepared, may_build=True)
     ctx = run.context(model)
-    for layer in suite.layers_for(model):
+    for layer in ctx.spec_layers(ctx.spec(label)):
         ctx.artefacts(label, layer)
     _fault_point(build_unit(model, label))
     return label

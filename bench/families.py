@@ -79,25 +79,38 @@ def _causal_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
     """Causal interventions per prompt set. Unsupervised artefacts select their features on the train prompts; a
     supervised spec (DiffMean) is fitted on the causal train prompts themselves, once per prompt set (its
     concept-set artefacts say nothing about prompt answers), and labelled with the spec's label."""
-    from metrics.causal import CausalConfig, causal_metrics, diffmean_causal_metrics
+    from metrics.causal import CausalConfig, UnusablePrompts, causal_metrics, diffmean_causal_metrics
 
     suite = ctx.suite
     cfg = CausalConfig(seed=suite.seed, alphas=tuple(suite.causal_alphas),
                        ablation_scales=tuple(suite.causal_ablation_scales), kl_targets=tuple(suite.causal_kl_targets))
     unrelated = ctx.unrelated_texts[: suite.causal_unrelated_texts]
     arts = ctx.cell_artefacts(cell)
-    rows = []
+    rows, skipped = [], []
     for name, ps in ctx.prompt_sets.items():
         out = []
-        if any(a.supervised for a in arts):
-            model = next((a.info["model"] for a in arts if a.info.get("model")), ctx.model_name)
-            out += diffmean_causal_metrics(ctx.backend, ps, cell.layer, unrelated, config=cfg, label=cell.spec,
-                                           info={"model": model})
-        for a in arts:
-            if not a.supervised:
-                out += causal_metrics(a, ctx.backend, ps, unrelated, config=cfg, layer=cell.layer)
+        try:
+            if any(a.supervised for a in arts):
+                model = next((a.info["model"] for a in arts if a.info.get("model")), ctx.model_name)
+                out += diffmean_causal_metrics(ctx.backend, ps, cell.layer, unrelated, config=cfg, label=cell.spec,
+                                               info={"model": model})
+            for a in arts:
+                if not a.supervised:
+                    out += causal_metrics(a, ctx.backend, ps, unrelated, config=cfg, layer=cell.layer)
+        except UnusablePrompts as e:  # the model's answers leave nothing to intervene on: skip the set, say why
+            print(f"[epbench] {ctx.model_name} L{cell.layer} {cell.spec}: causal prompt set {name} skipped: {e}",
+                  flush=True)
+            skipped.append(f"{name} ({e})")
+            continue
         for r in out:
             r.detail = _with_setting(name, r.detail)
+            rows.append(r)
+    if skipped:  # one row per scored dictionary (DiffMean under its spec label), so the report can say so
+        detail = f"skipped {len(skipped)} of {len(ctx.prompt_sets)} prompt sets: " + "; ".join(skipped)
+        for a in [a for a in arts if not a.supervised] + [a for a in arts if a.supervised][:1]:
+            r = row(a, "causal.prompt_sets_skipped", len(skipped), n=len(ctx.prompt_sets), detail=detail,
+                    layer=cell.layer)
+            r.method = cell.spec if a.supervised else r.method
             rows.append(r)
     return rows
 
@@ -149,7 +162,7 @@ def _stability_rows(ctx: ModelContext, cell: Cell) -> list[MetricRow]:
         cross_layer_stability,
     )
 
-    layers = ctx.layers
+    layers = ctx.spec_layers(ctx.spec(cell.spec))
     per_layer = {L: ctx.artefacts(cell.spec, L) for L in layers}
     cfg = StabilityConfig(seed=ctx.suite.seed, max_tokens=min(ctx.suite.store_tokens, 30_000))
     rows = []

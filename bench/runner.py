@@ -186,7 +186,8 @@ class Run:
         self.write_tables()
 
 
-AMENDABLE_FIELDS = ("methods", "model_layers", "layers")  # a resumed run may change these (--amend), within limits
+# a resumed run may change these (--amend), within limits
+AMENDABLE_FIELDS = ("methods", "model_layers", "layers", "model_store_dtype")
 
 
 def finished_cells(cells_dir: Path) -> set[tuple[str, str]]:
@@ -215,15 +216,17 @@ def amended_specs(was: dict[str, Any], config: dict[str, Any], finished: set[str
 
 
 def amended_models(was: dict[str, Any], config: dict[str, Any], finished: set[str]) -> list[str]:
-    """The models whose layers differ between two suite configs with the same models, when none of them has a
-    finished cell (e.g. a model cut to fewer layers before its first cell ran). Empty when it cannot."""
+    """The models read differently (other layers, another store dtype) under two suite configs with the same models,
+    when none of them has a finished cell (e.g. a model cut to fewer layers before its first cell ran). Empty when
+    it cannot."""
     if was.get("models") != config.get("models"):
         return []
 
-    def layers(cfg: dict[str, Any], model: str) -> list[int]:
-        return list((cfg.get("model_layers") or {}).get(model, cfg.get("layers")))
+    def reading(cfg: dict[str, Any], model: str) -> tuple[list[int], str]:
+        return (list((cfg.get("model_layers") or {}).get(model, cfg.get("layers"))),
+                (cfg.get("model_store_dtype") or {}).get(model, cfg.get("store_dtype")))
 
-    models = [m for m in config.get("models") or [] if layers(was, m) != layers(config, m)]
+    models = [m for m in config.get("models") or [] if reading(was, m) != reading(config, m)]
     return models if models and not set(models) & finished else []
 
 
@@ -236,22 +239,24 @@ def amendment_of(was: dict[str, Any], config: dict[str, Any], finished: set[tupl
     out = {}
     if "methods" in changed:
         out["specs"] = amended_specs(was, config, {spec for _, spec in finished})
-    if {"model_layers", "layers"} & set(changed):
+    if {"model_layers", "layers", "model_store_dtype"} & set(changed):
         out["models"] = amended_models(was, config, {model for model, _ in finished})
     return out if all(out.values()) else {}
 
 
 def amendment_words(amended: dict[str, Any]) -> str:
-    """What an amendment changes, in words: method specs, and the layers of models (from and to, once the record
-    holds the config before and after; a record from before layers could be amended holds method lists there)."""
-    layers = [a.get("model_layers", {}) if isinstance(a := amended.get(when), dict) else {}
-              for when in ("before", "after")]
-    moved = "before" in amended
-    return " and ".join(part for part in (
-        "method specs " + ", ".join(amended["specs"]) if amended.get("specs") else "",
-        "the layers of " + ", ".join(m + (f" (from {layers[0].get(m, 'the suite layers')} to "
-                                          f"{layers[1].get(m, 'the suite layers')})" if moved else "")
-                                     for m in amended["models"]) if amended.get("models") else "") if part)
+    """What an amendment changes, in words: method specs, and the layers or store dtype of models (from and to, once
+    the record holds the config before and after; a record from before layers could be amended holds method lists
+    there)."""
+    cfg = [a if isinstance(a := amended.get(when), dict) else {} for when in ("before", "after")]
+    fields = (("model_layers", "layers", "the suite layers"),
+              ("model_store_dtype", "store dtype", "the suite store dtype"))
+    said = []
+    for m in amended.get("models") or []:
+        was, now = ([c.get(f, {}).get(m, default) for f, _, default in fields] for c in cfg)
+        changes = [f"the {what} of {m} (from {a} to {b})" for (_, what, _), a, b in zip(fields, was, now) if a != b]
+        said += changes or [f"the layers of {m}"]
+    return " and ".join((["method specs " + ", ".join(amended["specs"])] if amended.get("specs") else []) + said)
 
 
 _LEGACY_CELLS_TOLD: set[str] = set()  # cells folders whose unchecksummed (legacy) cells were announced

@@ -659,6 +659,8 @@ def _extract_locked(req: ExtractionRequest, path: Path, sid: str, weights_id: st
             chunk = contexts[b : min(hi, b + req.batch_contexts)]
             longest = max(len(c.tokens) for c in chunk)  # pad to the batch's longest context, not ctx_len
             out = backend.run_layers(_context_table(chunk, longest, backend.pad_id)["context_tokens"], layers)
+            for L in layers:
+                check_storable(out[L], req, L)
             for i, c in enumerate(chunk):
                 n = len(c.tokens)
                 for L in layers:
@@ -674,6 +676,22 @@ def _extract_locked(req: ExtractionRequest, path: Path, sid: str, weights_id: st
         records.append(rec)
     bar.close()
     return _finish(path, manifest, records, time.perf_counter() - t_start)
+
+
+FLOAT16_MAX = 65_504.0
+
+
+def check_storable(x: torch.Tensor, req: ExtractionRequest, layer: int) -> None:
+    """Refuse activations the store cannot hold: NaN/inf from the model, or values beyond float16's range in a
+    float16 store (they would be written as inf and fail every method later, far from the cause)."""
+    top = x.detach().abs().amax()
+    if not torch.isfinite(top):
+        raise StoreError(f"{req.model} produced NaN/inf activations at layer {layer}: the model's forward pass is "
+                         "broken (check its weights and dtype); nothing was stored for this batch")
+    if req.dtype == "float16" and float(top) > FLOAT16_MAX:
+        raise StoreError(f"{req.model} activations reach |x| = {float(top):,.0f} at layer {layer}, beyond float16's "
+                         f"range ({FLOAT16_MAX:,.0f}): store this model in float32 (a suite's "
+                         f"model_store_dtype={{'{req.model}': 'float32'}}, or store_dtype='float32')")
 
 
 def _superset_store(req: ExtractionRequest, fingerprint: dict[str, Any], weights_id: str,

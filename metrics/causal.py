@@ -171,10 +171,16 @@ class CausalDiffMean(Artefact):
 # Feature selection
 
 
+class UnusablePrompts(ValueError):
+    """A prompt set whose answered prompts cannot be intervened on (fewer than 2 answer values among the train
+    prompts, or no held-out prompt whose answer has a train prompt): a fact about the model's answers on this set,
+    not a broken input; the causal family skips the set for the cell and records why."""
+
+
 def _attribute_index(attributes: Sequence[str]) -> tuple[list[str], torch.Tensor]:
     names = sorted(set(attributes))
     if len(names) < 2:
-        raise ValueError(f"feature selection needs prompts of at least 2 attributes, got {names}; use a prompt "
+        raise UnusablePrompts(f"feature selection needs prompts of at least 2 attributes, got {names}; use a prompt "
                          "set with several answer values (e.g. city_continent) or pass features= explicitly")
     return names, torch.tensor([names.index(a) for a in attributes])
 
@@ -675,7 +681,7 @@ def _run(artefact: Artefact, backend: Any, prompt_set: Any, setup: _Setup, featu
     abl = run.part(test, "target")
     ste = run.part(test, "contrast", abl.batches)
     if not abl.mask.any() and not ste.mask.any():
-        raise ValueError(f"prompt set {prompt_set.name!r}: no held-out prompt has a target or contrast attribute "
+        raise UnusablePrompts(f"prompt set {prompt_set.name!r}: no held-out prompt has a target or contrast attribute "
                          "with a selected feature (every answer value occurs once?); use a set with repeated "
                          "answers (city_continent, city_country, first_letter) or pass features=")
     clean = run.diffs(abl)  # same texts for both roles

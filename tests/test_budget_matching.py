@@ -27,7 +27,9 @@ def ctx(tmp_path_factory):
                             seeds=[0, 1], match_seeds={2: [0]}, rows_as_target=True),
                  MethodSpec("sae", {"architecture": "topk", "k": 32, "training_tokens": 2048, "batch_rows": 128,
                                     "buffer_rows": 256, "progress": False}, label="sae-scaled", match="K",
-                            match_to=["ep"], match_p=[2], k_per_width=1 / 8)])
+                            match_to=["ep"], match_p=[2], k_per_width=1 / 8),
+                 MethodSpec("kmeans", {"n_calib": 200, "niter": 5}, label="km-one-layer", match="K",
+                            match_to=["ep"], match_p=[10], at_layers={"synthetic": [2]})])
     return ModelContext(suite, "synthetic", progress=False, store=store)
 
 
@@ -94,3 +96,23 @@ def test_max_prompts_takes_a_seeded_sample_before_filtering():
     assert sets[0].n_written == written > 12 and sets[0].n_sampled == 12 and len(sets[0]) == 12  # sampled of written
     assert sets[0].texts == sets[1].texts  # the same sample every time
 
+
+
+def test_a_spec_at_some_layers_is_built_and_cached_there_only(ctx):
+    from bench.cells import expand_cells
+
+    spec = ctx.spec("km-one-layer")
+    assert ctx.spec_layers(spec) == [2] and ctx.spec_layers(ctx.spec("ep")) == list(LAYERS)
+    (km,) = ctx.artefacts("km-one-layer", 2)
+    assert km.K == next(a.K for a in ctx.artefacts("ep", 2) if a.name == "ep:p=10")
+    fresh = ModelContext(ctx.suite, "synthetic", progress=False, store=ctx.store)
+    assert set(fresh._load_or_build(spec)) == {2}  # the cache holds (and verifies) just that layer
+    suite = dataclasses.replace(ctx.suite, models=["synthetic"])
+    cells = [c for c in expand_cells(suite) if c.spec == "km-one-layer"]
+    assert cells and {c.layer for c in cells} == {2}  # no layer-1 cell, no cross-layer cell for one layer
+    assert {c.layer for c in expand_cells(suite) if c.spec == "ep" and c.family == "build"} == set(LAYERS)
+    other = MethodSpec("pca", {"k": 4}, at_layers={"another-model": [1]})
+    assert other.layers_of("synthetic", [1, 2]) == [] and other.layers_of("another-model", [1, 2]) == [1]
+    # written only when set: a run recorded before the field existed resumes with the same config
+    methods = suite.to_dict()["methods"]
+    assert [m["label"] for m in methods if "at_layers" in m] == ["km-one-layer"]

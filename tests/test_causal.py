@@ -429,3 +429,25 @@ def test_causal_family_scores_diffmean_once_per_prompt_set(backend):
     assert len(sup) == len(rows) - len(sup)  # one DiffMean run, however many concept-set artefacts
     assert all(r.detail.startswith("letters;") for r in rows)
     assert {tokens(r.detail)["kl"] for r in rows if r.metric.endswith("delta_at_kl")} == {"0.1"}
+
+
+def test_causal_family_skips_a_prompt_set_the_answers_leave_unusable_and_says_why(backend):
+    """Every answer once (a small model that answers few capitals): no held-out answer has a train prompt, so the
+    set is skipped for the cell with a recorded row; the other set is scored; a direct call still raises."""
+    from bench.families import _causal_rows
+    from metrics.causal import UnusablePrompts
+
+    letters = "klmnopqrstuv"
+    unique = PromptSet("unique", [CausalPrompt(f"{letters[i]}{letters[-1 - i]}q", letters[i], letters[(i + 1) % 12],
+                                               f"a{i}") for i in range(12)], 12)
+    art = make(LinArtefact, rand_dirs(8, seed=3))
+    with pytest.raises(UnusablePrompts, match="no held-out prompt"):
+        causal_metrics(art, backend, unique, ["some text here"], CausalConfig(alphas=(1.0,)))
+    suite = SimpleNamespace(seed=0, causal_alphas=[1.0], causal_unrelated_texts=1, causal_kl_targets=[0.1],
+                            causal_ablation_scales=[1.0])
+    ctx = SimpleNamespace(suite=suite, backend=backend, model_name="tiny-gemma2", unrelated_texts=["some text here"],
+                          prompt_sets={"unique": unique, "letters": letter_prompts()}, cell_artefacts=lambda cell: [art])
+    rows = _causal_rows(ctx, SimpleNamespace(spec="lin", layer=LAYER))
+    (skip,) = [r for r in rows if r.metric == "causal.prompt_sets_skipped"]
+    assert skip.value == 1 and skip.n == 2 and skip.detail.startswith("skipped 1 of 2 prompt sets: unique (prompt set")
+    assert {r.detail.split(";")[0] for r in rows if r is not skip} == {"letters"}

@@ -272,3 +272,44 @@ def test_ground_truth_table_prints_the_published_synthsaebench_row_beside_ours_w
     assert f1[2:4] == ["4,000,000", "4.500"] and f1[5:] == ["0.500", "0.732", "-0.232"]  # 0.5 - 0.7316
     mcc = next(r for r in table if r[4] == "mcc")
     assert mcc[5:] == ["0.600", "0.757", "-0.157"]  # 0.6 - 0.7574
+
+
+def test_one_page_scorecard_scores_each_model_on_its_own_and_cuts_long_measurements():
+    from bench.claims import ClaimResult
+    from bench.report.verdicts import MEASURED_MAX, claims_tally, model_agreement, scorecard_md
+    from bench.verdict import PRIMARY, Comparison, PairedResult, Verdict
+
+    long = "; ".join(f"L{i}: value {i / 10:.3f}" for i in range(80))
+    claims = [ClaimResult("claim one", "pub 1", "crit 1", long, "reproduced", "why 1", "v2"),
+              ClaimResult("claim two", "pub 2", "crit 2", "short", "not reproduced", "", "revision")]
+    by_model = {"a": [claims[0]._replace(status="not reproduced"), claims[1]], "b": claims[:1]}
+    page = "\n".join(scorecard_md(by_model, details="DETAILS.md"))
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in page.splitlines() if line.startswith("| ")]
+    assert lines[0] == ["version", "claim", "published", "model", "measured here", "status"]
+    rows = lines[2:]
+    assert [r[3] for r in rows] == ["a", "b", "a"]  # claim one on a and b, claim two on a only
+    assert rows[0][:3] == ["v2", "claim one", "pub 1"] and rows[1][:3] == ["", "", ""]  # said once per claim
+    assert [r[5] for r in rows] == ["**not reproduced**", "**reproduced**", "**not reproduced**"]
+    assert rows[0][4].endswith("… ([in full](DETAILS.md))") and len(rows[0][4]) < MEASURED_MAX + 40
+    assert rows[0][4].split(" …")[0] in long  # cut between items
+    assert "crit 1" not in page  # criteria are on the details page
+    full = "\n".join(scorecard_md({"": claims}, "in full"))
+    assert long in full and "crit 1; why 1" in full and "| model" not in full  # one model: no model column
+    assert claims_tally(by_model) == ("Of the paper's claims testable on this run, 0 of 2 on a and 1 of 1 on b "
+                                      "reproduce under the fixed criteria below.")
+    assert claims_tally({"": claims}).startswith("Of the paper's claims testable on this run, 1 of 2 reproduce")
+
+    def verdict(b, word, metric="detection.auroc"):
+        r = PairedResult(10, 0.7, 0.6, 0.1, 0.05, 0.15, 0.01)
+        return Verdict(Comparison("EP (pooled over p)", f"{b} (pooled)", "k", metric, family=PRIMARY,
+                                  pairs=[("x", "y")]), r, 0.01, word)
+
+    same = {"a": [verdict("sae@K", "better")], "b": [verdict("sae@K", "better")]}
+    assert model_agreement(same).startswith("Per model") and "agree on 1 of 1 pooled" in model_agreement(same)
+    mixed = {"a": [verdict("sae@K", "better"), verdict("kmeans@K", "worse", "causal.ablate.delta_logit_diff")],
+             "b": [verdict("sae@K", "better"), verdict("kmeans@K", "no detectable difference",
+                                                       "causal.ablate.delta_logit_diff")]}
+    text = model_agreement(mixed)
+    assert "agree on 1 of 2" in text and ("causal.ablate.delta_logit_diff (lower is better) vs kmeans@K: "
+                                          "a worse, b no detectable difference") in text
+    assert model_agreement({"a": same["a"]}) == ""  # one model: nothing to agree on

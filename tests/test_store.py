@@ -149,3 +149,26 @@ def test_a_store_with_more_layers_serves_a_request_for_fewer(tmp_path, corpus, m
     assert extract(_req(corpus, layers=[3]), root=tmp_path / "s", progress=False).path == wide.path
     with pytest.raises(pytest.fail.Exception):
         extract(_req(corpus, layers=[3], tokens=2000), root=tmp_path / "s", progress=False)
+
+
+def test_activations_beyond_float16_or_non_finite_are_refused_at_extraction(tmp_path, corpus, monkeypatch):
+    """Gemma's residual stream reaches |x| ~ 6e4 (beyond at some tokens): a float16 store would hold inf there and
+    every method would fail later; extraction names the model, the layer and the fix instead."""
+    from bench.models import ModelBackend
+    from bench.store import FLOAT16_MAX, check_storable
+
+    req16, req32 = _req(corpus, dtype="float16"), _req(corpus)
+    check_storable(torch.tensor([[1.0, -FLOAT16_MAX]]), req16, 1)  # at the edge: storable
+    with pytest.raises(StoreError, match=r"tiny-gemma2 activations reach \|x\| = 70,000 at layer 3, beyond "
+                                         r"float16's range .*model_store_dtype=\{'tiny-gemma2': 'float32'\}"):
+        check_storable(torch.tensor([[1.0, -7e4]]), req16, 3)
+    check_storable(torch.tensor([[1.0, -7e4]]), req32, 3)  # float32 holds it
+    with pytest.raises(StoreError, match="produced NaN/inf activations at layer 1"):
+        check_storable(torch.tensor([[1.0, float("nan")]]), req32, 1)
+
+    real = ModelBackend.run_layers
+    monkeypatch.setattr(ModelBackend, "run_layers",
+                        lambda self, toks, layers: {L: x * 1e6 for L, x in real(self, toks, layers).items()})
+    with pytest.raises(StoreError, match="beyond float16's range"):
+        extract(req16, root=tmp_path / "s16", progress=False)
+    assert extract(req32, root=tmp_path / "s32", progress=False).manifest["status"] == "complete"

@@ -409,3 +409,53 @@ def test_a_model_without_finished_cells_can_be_read_at_other_layers_on_request(t
                                                                                                  {"other": [2]}}
     assert {c.layer for c in run.cells() if c.model == "other" and c.family == "build"} == {2}
     assert amendment_words(a) == "the layers of other (from the suite layers to [2])"
+
+
+def test_detection_claim_uses_an_sae_built_at_eps_k_at_some_layers_only():
+    """No primary sae@K row at EP's finest p, but an SAE matched to it at one layer: claim (a) is that comparison."""
+    from bench.claims import claim_detection
+
+    concepts = [f"c{i}" for i in range(30)]
+    base = np.random.default_rng(3).normal(0.7, 0.05, size=30)
+    ep_art = {**RANDOM_ART, "name": "ep:p=1", "family": "ep", "K": 500, "p": 1.0}
+    matched = {**RANDOM_ART, "name": "sae@K-p1(ep:p=1)", "family": "sae", "K": 500,
+               "matched_to": {"artefact": "ep:p=1", "kind": "K", "K": 500}}
+    cells = []
+    for L in (4, 8):
+        cells.append(_cell("m", L, "ep:p=1", "ep", "detection.auroc", dict(zip(concepts, base + 0.1)), artefact=ep_art))
+        cells.append(_cell("m", L, "sae", "sae", "detection.auroc", dict(zip(concepts, base)),
+                           artefact={**RANDOM_ART, "name": "sae", "family": "sae", "K": 2048}))
+        build = _cell("m", L, "ep:p=1", "ep", "build.percentile", {"x": 1.0}, artefact=ep_art)
+        build["rows"][0]["units"] = None
+        cells.append(build)
+    cells.append(_cell("m", 8, "sae@K-p1(ep:p=1)", "sae", "detection.auroc", dict(zip(concepts, base)),
+                       artefact=matched))
+    df, units, arts = rows_table(cells), unit_table(cells), artefact_table(cells)
+    v2 = claim_detection(df, units, [], arts)[0]
+    assert v2.status == REPRODUCED and "(a) at EP's K where an SAE was built there (L8)" in v2.measured
+    assert "ep:p=1 0.8" in v2.measured and "sae@K-p1(ep:p=1) 0.7" in v2.measured and "n 30" in v2.measured
+    no_sae = [c for c in cells if c["cell"]["spec"] != "sae@K-p1(ep:p=1)"]
+    v2 = claim_detection(rows_table(no_sae), unit_table(no_sae), [], artefact_table(no_sae))[0]
+    assert v2.status == NOT_TESTABLE and "(a) no SAE at EP's K" in v2.measured
+
+
+def test_a_model_without_finished_cells_can_take_another_store_dtype_on_request(tmp_path):
+    import dataclasses
+
+    from bench.runner import Run, amendment_words, write_cell
+    from bench.suites import get_suite
+
+    suite = dataclasses.replace(get_suite("smoke"), models=["tiny-gemma2", "other"], store_dtype="float16")
+    run = Run(suite, tmp_path, "r", progress=False)
+    cell = next(c for c in run.cells() if c.model == "tiny-gemma2" and c.family == "build")
+    write_cell(run.cell_path(cell), {"cell": cell.__dict__, "cell_id": cell.id, "rows": [{"value": 1.0}]})
+    del run
+    wide = dataclasses.replace(suite, model_store_dtype={"other": "float32"})
+    assert wide.store_dtype_for("other") == "float32" and wide.store_dtype_for("tiny-gemma2") == "float16"
+    (a,) = Run(wide, tmp_path, "r", progress=False, amend=True).meta["amendments"]
+    assert a["models"] == ["other"]
+    assert amendment_words(a) == "the store dtype of other (from the suite store dtype to float32)"
+    # not for a model with a finished cell: its stored rows would change under its results
+    with pytest.raises(ValueError, match="another smoke suite"):
+        Run(dataclasses.replace(wide, model_store_dtype={"other": "float32", "tiny-gemma2": "float32"}), tmp_path,
+            "r", progress=False, amend=True)

@@ -190,7 +190,7 @@ def run_sources(run_dir: Path, cfg: BrowseConfig) -> list[LayerSource]:
     for model in suite.models:
         ctx = ModelContext(suite, model, progress=False)
         for L in layers:
-            arts = [a for s in suite.methods for a in ctx.artefacts(s.label, L)
+            arts = [a for s in suite.methods if L in ctx.spec_layers(s) for a in ctx.artefacts(s.label, L)
                     if cfg.methods is None or s.label in cfg.methods or a.name in cfg.methods]
             arts = list({a.name: a for a in arts}.values())  # once each (`ep` and `ep:p=8` both give ep:p=8)
             if not arts:

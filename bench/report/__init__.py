@@ -41,33 +41,33 @@ def write_report(run_dir: Path) -> Path:
     cells = load_cells(run_dir)  # read once: verdicts, scorecard, baselines, curves and plots all use them
     plan = plan_of(run_dir)
     table = verdicts_and_refusals(run_dir, cells=cells, plan=plan)
-    claims = scorecard(run_dir, table.verdicts, cells)
     models = sorted({str(c.get("cell", {}).get("model")) for c in cells if c.get("cell", {}).get("model")})
-    per_model: dict[str, tuple] = {}
-    if len(models) > 1:  # each model on its own (Holm within its primary family), beside the pooled verdict
+    per_model: dict[str, list] = {}  # each model on its own (Holm within its primary family), beside the pooled verdict
+    claims = {"": scorecard(run_dir, table.verdicts, cells)}  # the claims are model-specific: scored per model
+    if len(models) > 1:
+        claims = {}
         for m in models:
             mine = [c for c in cells if c.get("cell", {}).get("model") == m]
-            vm = verdicts_and_refusals(run_dir, cells=mine, plan=plan).verdicts
-            per_model[m] = (vm, scorecard(run_dir, vm, mine))
+            per_model[m] = verdicts_and_refusals(run_dir, cells=mine, plan=plan).verdicts
+            claims[m] = scorecard(run_dir, per_model[m], mine)
     plots = make_plots(df, run_dir, published, concept_set, cells)
     curves = k_curve_plots(cells, run_dir, [m.metric for m in plan.primary_metrics])
-    page = header_md(info, df, run_dir, details=DETAILS) + bottom_line(table.verdicts, claims, plan)
-    page += primary_md(table.verdicts, plan.k_tolerance, {m: v for m, (v, _) in per_model.items()})
+    page = header_md(info, df, run_dir, details=DETAILS) + bottom_line(table.verdicts, claims, plan, per_model)
+    page += primary_md(table.verdicts, plan.k_tolerance, per_model)
     page += ["## Metrics along the dictionary-size axis", "",
              ("Each headline metric against K (log axis), per layer: EP as its percentile sweep, each baseline "
               "built at EP's sizes as one line over them, single-size artefacts as points; 95% intervals over the "
               "same clusters the verdicts use."), ""]
     page += [f"![{m} vs K]({path})" for m, path in curves.items()] + [""] if curves else ["(no per-unit rows)", ""]
     page += ground_truth_md(df, published)
-    page += scorecard_md(claims, "all models" if per_model else "")
-    for m, (_, claims_m) in per_model.items():
-        page += scorecard_md(claims_m, m)
+    page += scorecard_md(claims, details=DETAILS)
     page += budgets_md(cells)
     page += [f"Everything else (exploratory and refused comparisons, baselines at their best, seed spread, every "
              f"metric family, the paper tables): [{DETAILS}]({DETAILS}); the suite grid: [run.json](run.json); "
              f"tidy rows: `rows.parquet`."]
     details = [f"# Details of run `{info.get('run_id', run_dir.name)}`", "", "Back to [REPORT.md](REPORT.md).", ""]
     details += header_md(info, df, run_dir)[2:]  # provenance again, the suite grid and how to read the tables
+    details += scorecard_md(claims, "in full")
     details += exploratory_md(table.verdicts, table.refused) + headline_md(df, concept_set)
     details += baselines_md(cells, plots.get("sae_curves")) + seeds_md(cells)
     details += ["## Metric families", "",

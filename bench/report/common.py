@@ -196,11 +196,16 @@ def first_metric(rows: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     return rows.iloc[0:0]
 
 
+PAD_MAX = 48  # columns are aligned up to this width; a longer cell is written as is (renders the same, and a
+# table with a paragraph in one column is not padded to that paragraph's length on every row)
+
+
 def md_table(header: Sequence[str], body: Sequence[Sequence[str]], right: Iterable[int] = ()) -> str:
-    """An aligned GitHub pipe table; columns in `right` are right-aligned."""
+    """An aligned GitHub pipe table (columns padded up to PAD_MAX characters); columns in `right` are
+    right-aligned."""
     right = set(right)
     cells = [[str(c).replace("|", "\\|") for c in r] for r in [list(header), *body]]
-    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
+    widths = [min(PAD_MAX, max(3, *(len(r[i]) for r in cells))) for i in range(len(header))]
 
     def line(r: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)

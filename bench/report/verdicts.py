@@ -110,9 +110,55 @@ def exploratory_md(verdicts: list[Verdict], refused: list[Refused]) -> list[str]
     return out
 
 
-def bottom_line(verdicts: list[Verdict], claims: list[ClaimResult], plan: VerdictPlan) -> list[str]:
-    """At most five sentences, generated from the primary rows and the scorecard."""
-    pooled = [v for v in verdicts if v.comparison.family == PRIMARY and v.comparison.pairs and v.result]
+def _pooled_primary(verdicts: list[Verdict]) -> list[Verdict]:
+    return [v for v in verdicts if v.comparison.family == PRIMARY and v.comparison.pairs and v.result]
+
+
+def _quantity(v: Verdict) -> str:
+    """A comparison's headline quantity, with its direction where lower is better (Δ > 0 is then EP's loss)."""
+    return (v.comparison.name or v.comparison.metric) + (
+        " (lower is better)" if METRIC_DIRECTION.get(v.comparison.metric) == -1 else "")
+
+
+def model_agreement(per_model: dict[str, list[Verdict]]) -> str:
+    """One sentence: on how many pooled-over-p primary quantities every model reaches the same verdict word, and
+    where they differ."""
+    words: dict[tuple[str, str], dict[str, str]] = {}
+    for model, vs in per_model.items():
+        for v in _pooled_primary(vs):
+            words.setdefault((v.comparison.b.split("(")[0].strip(), _quantity(v)), {})[model] = v.verdict
+    both = {k: w for k, w in words.items() if len(w) == len(per_model)}
+    if len(per_model) < 2 or not both:
+        return ""
+    differ = [(k, w) for k, w in both.items() if len(set(w.values())) > 1]
+    text = (f"Per model (each model's primary family Holm-corrected on its own), the verdict words agree on "
+            f"{len(both) - len(differ)} of {len(both)} pooled comparisons")
+    if differ:
+        shown = "; ".join(f"{q} vs {b}: " + ", ".join(f"{m} {w}" for m, w in ws.items()) for (b, q), ws in differ[:3])
+        text += f" and differ on {shown}" + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+    return text + "."
+
+
+def claims_tally(claims: dict[str, list[ClaimResult]]) -> str:
+    """One sentence: how many of the testable claims reproduce, per model (`claims` as for scorecard_md)."""
+    parts = []
+    for model, cs in claims.items():
+        counted = [c for c in cs if c.status != NOT_TESTABLE]
+        if counted:
+            n_low = sum(c.status == NOT_TESTABLE_N for c in counted)
+            parts.append(f"{sum(c.status == REPRODUCED for c in counted)} of {len(counted)}"
+                         + (f" on {model}" if model else "") + (f" ({n_low} not testable at this n)" if n_low else ""))
+    if not parts:
+        return ""
+    return (f"Of the paper's claims testable on this run, {' and '.join(parts)} reproduce under the fixed criteria "
+            "below.")
+
+
+def bottom_line(verdicts: list[Verdict], claims: dict[str, list[ClaimResult]], plan: VerdictPlan,
+                per_model: dict[str, list[Verdict]] | None = None) -> list[str]:
+    """At most five sentences, generated from the primary rows, each model's own primary rows and the scorecard
+    (`claims` as for scorecard_md)."""
+    pooled = _pooled_primary(verdicts)
     out = ["## Bottom line", ""]
     if not pooled:
         pooled = [v for v in verdicts if v.comparison.family == PRIMARY and v.result]
@@ -125,15 +171,15 @@ def bottom_line(verdicts: list[Verdict], claims: list[ClaimResult], plan: Verdic
         pooled_word = "pooled over EP's percentiles" if rows[0].comparison.pairs else "per percentile"
 
         def items(vs: list[Verdict]) -> str:
-            return "; ".join(f"{v.comparison.name or v.comparison.metric} {v.result.diff:+.3f} "
-                             f"[{v.result.ci_low:+.3f}, {v.result.ci_high:+.3f}]" for v in vs)
+            return "; ".join(f"{_quantity(v)} {v.result.diff:+.3f} [{v.result.ci_low:+.3f}, {v.result.ci_high:+.3f}]"
+                             for v in vs)
 
         rest = len(rows) - len(by["better"]) - len(by["worse"])
         if not by["better"] and not by["worse"]:
             big = max(rows, key=lambda v: abs(v.result.diff))
             sentences.append(f"Against {spec} at the same K ({pooled_word}), EP shows no detectable difference on "
                              f"any of {len(rows)} headline quantities (largest |Δ|: "
-                             f"{big.comparison.name or big.comparison.metric} {big.result.diff:+.3f} "
+                             f"{_quantity(big)} {big.result.diff:+.3f} "
                              f"[{big.result.ci_low:+.3f}, {big.result.ci_high:+.3f}]).")
             continue
         parts = []
@@ -143,31 +189,61 @@ def bottom_line(verdicts: list[Verdict], claims: list[ClaimResult], plan: Verdic
             parts.append(f"worse on {items(by['worse'])}")
         sentences.append(f"Against {spec} at the same K ({pooled_word}), EP is " + ", and ".join(parts)
                          + (f", with no detectable difference on the other {rest}" if rest else "") + ".")
-    counted = [c for c in claims if c.status != NOT_TESTABLE]
-    if counted:
-        tally = pd.Series([c.status for c in counted]).value_counts()
-        sentences.append(f"Of the paper's claims testable on this run, {tally.get(REPRODUCED, 0)} of {len(counted)} "
-                         f"reproduce under the fixed criteria below"
-                         + (f" ({tally.get(NOT_TESTABLE_N, 0)} not testable at this n)"
-                            if tally.get(NOT_TESTABLE_N, 0) else "") + ".")
+    agreement = model_agreement(per_model or {})
+    if agreement:
+        sentences.append(agreement)
+    tally = claims_tally(claims)
+    if tally:
+        sentences.append(tally)
     if not sentences:
         sentences = ["No primary comparison has finished yet."]
     return out + [" ".join(sentences[:5]), ""]
 
 
-def scorecard_md(claims: list[ClaimResult], model: str = "") -> list[str]:
-    """The paper's claims, each restated, with its version, measured here and marked (`model`: whose rows)."""
-    out = [f"## The paper's claims, scored{f' ({model})' if model else ''}", ""]
-    if not claims:
+MEASURED_MAX = 360  # characters of a claim's measurements on the one page (in full in DETAILS.md)
+
+
+def _shorten(text: str, limit: int, details: str) -> str:
+    """`text` cut at its last `; ` (else space) before `limit`, with a link to where it stands in full."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("; ", 0, limit)
+    cut = cut if cut > limit // 2 else text.rfind(" ", 0, limit)
+    return text[:max(cut, 1)] + f" … ([in full]({details}))"
+
+
+def scorecard_md(claims: dict[str, list[ClaimResult]], title: str = "", details: str | None = None) -> list[str]:
+    """The paper's claims, each restated, with its version, measured here and marked. `claims`: model -> its
+    scorecard (each model scored on its own rows; a single key "" for a one-model run, printed without a model
+    column). With `details` (the page that holds them in full), measurements are cut to MEASURED_MAX characters
+    and criteria are left there."""
+    out = [f"## The paper's claims, scored{f' ({title})' if title else ''}", ""]
+    if not any(claims.values()):
         return out + ["(no rows)", ""]
+    models = [m for m in claims if m]
     out += [("Each claim restated, labelled with the paper version it comes from (v2, or the revision's later figures; "
              "where they differ the revision is what the authors now claim), measured on this run at the setting "
              "fixed in its criterion, against a control, and marked `reproduced`, `not reproduced`, `not testable "
              "here` or `not testable at this n` (too few independent units for its test to pass: not a failure). "
-             "Published figures are labelled and are never ours."), ""]
-    body = [[c.version, c.claim, c.published, c.measured, f"**{c.status}**",
-             "; ".join(x for x in (c.criterion, c.reason) if x)] for c in claims]
-    return out + [md_table(["version", "claim", "published", "measured here", "status", "criterion; reason"], body), ""]
+             "Published figures are labelled and are never ours."
+             + (" Each model is scored on its own rows, one line each." if models else "")
+             + (f" Criteria, reasons and every measurement: [{details}]({details})." if details else "")), ""]
+    keys = list(dict.fromkeys((c.version, c.claim) for cs in claims.values() for c in cs))
+    by = {m: {(c.version, c.claim): c for c in cs} for m, cs in claims.items()}
+    body = []
+    for key in keys:
+        first = True
+        for m in claims:
+            c = by[m].get(key)
+            if c is None:
+                continue
+            measured = _shorten(c.measured, MEASURED_MAX, details) if details else c.measured
+            line = [c.version, c.claim, c.published] if first else ["", "", ""]
+            line += ([m] if models else []) + [measured, f"**{c.status}**"]
+            body.append(line + ([] if details else ["; ".join(x for x in (c.criterion, c.reason) if x)]))
+            first = False
+    header = ["version", "claim", "published"] + (["model"] if models else []) + ["measured here", "status"]
+    return out + [md_table(header + ([] if details else ["criterion; reason"]), body), ""]
 
 
 def budgets_md(cells: list[dict[str, Any]]) -> list[str]:

@@ -103,6 +103,15 @@ class MethodSpec:
     rows_as_target: bool = False  # match="K": fit on as many store rows as the target streamed (`n_rows`)
     match_seeds: dict[float, list[int]] = field(default_factory=dict)  # EP target p -> its seeds (else `seeds`),
     # e.g. one seed where a fit at that p's K costs an hour on a CPU
+    at_layers: dict[str, list[int]] = field(default_factory=dict)  # model -> the only layers this spec is built and
+    # scored at (a model not named: none); empty: every layer of every model. E.g. one layer of a fit too costly
+    # for all of them
+
+    def layers_of(self, model: str, model_layers: list[int]) -> list[int]:
+        """The layers of `model_layers` (a model's layers in the suite) this spec is built and scored at."""
+        if not self.at_layers:
+            return list(model_layers)
+        return [L for L in model_layers if L in self.at_layers.get(model, [])]
 
     def __post_init__(self) -> None:
         self.label = self.label or (f"{self.method}@{self.match}" if self.match else self.method)
@@ -274,6 +283,8 @@ class Suite:
     corpus: str = "default"  # build stream
     store_tokens: int = 60_000  # activation rows the methods are built on (tokens, BOS included)
     store_dtype: str = "float32"  # storage dtype of the build store (float16 halves the disk of a large store)
+    model_store_dtype: dict[str, str] = field(default_factory=dict)  # per-model store dtype, e.g. float32 for a
+    # model whose residual stream exceeds float16's range (Gemma's reaches |x| ~ 6e4 and beyond); others: store_dtype
     ctx_len: int = 128
     concept_sets: list[str] = field(default_factory=lambda: ["wordnet", "bbc"])
     concept_examples: int = 20  # per concept and category and split (wordnet/bbc)
@@ -318,8 +329,16 @@ class Suite:
         """The layers a model is read at."""
         return list(self.model_layers.get(model, self.layers))
 
+    def store_dtype_for(self, model: str) -> str:
+        """The dtype a model's build store is written in."""
+        return self.model_store_dtype.get(model, self.store_dtype)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for m in out["methods"]:  # written only when set, so a run recorded before the field existed resumes
+            if not m["at_layers"]:
+                del m["at_layers"]
+        return out
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -45,6 +45,16 @@ Second amendment (fourth sitting, 2026-12-02, before any random@K or Gemma cell 
   `gemma-scope-2-270m-pt-res` SAEs (layers 5, 9, 12, 15), so a user with hub access can put the published SAEs at
   exactly these layers. Causal and refusal cells run at its middle entry, layer 12 (the suite's layer 8 is not one
   of this model's).
+Third amendment (eighth sitting, 2026-12-08, before any of its cells ran): one TopK SAE at EP p1's K (`sae@K-p1`,
+one seed, k 32) at SmolLM2 layer 12 only, where p1's K is smallest (11,308; 22,476 and 26,029 at L4 / L8). The first
+amendment left no trained baseline at p1's K, but the fair-verdict issue asks for SAEs up to at least p1's K at one
+layer or more; one width-11k fit (about 15-30 min here) fits a sitting where three layers (about 65 min) did not. It is
+exploratory (EP p1 vs this SAE at matched K, Holm within the exploratory family), not part of the primary family,
+which was declared before any result; its random control is random@K at p1's K. In the same amendment, before any
+Gemma cell: Gemma-3-270m's store in float32, not float16. A preflight of every family of this grid on a 6k-token
+Gemma store found its residual stream at |x| up to 60,064 at layer 9 and beyond float16's 65,504 (stored as inf) at
+layer 12 (row norms 6k-17k), so EP's first Gemma cell would have failed; SmolLM2 (|x| well inside the range) keeps its
+float16 store, whose finished cells it backs. Extraction now refuses such a store with the fix named.
 Committed as results/full/ (cells, rows, report; no activations).
 """
 
@@ -66,12 +76,13 @@ SUITE = Suite(
                  "stores: EP at p = 1, 2, 4, 6, 8, 10 against "
                  "TopK SAEs and spherical k-means at each EP K from p2, random directions at every EP K, the "
                  "reference TopK SAE (w2048, "
-                 "converged, 3 seeds), k-means 2048, exact PCA and DiffMean (supervised)"),
+                 "converged, 3 seeds), a TopK SAE at EP p1's K at SmolLM2 layer 12, k-means 2048, exact PCA and "
+                 "DiffMean (supervised)"),
     evidence=("the credible run: 1M tokens; every learned family along the dictionary-size axis and compared only at "
               "matched K (10%); 40 WordNet concepts and 5 BBC topics x 50 test examples per class, up to 113 "
               "sae-probes datasets, countryinfo prompts over 4 relations clustered by the direction used; a declared "
-              "primary family with Holm; baselines at p <= 2 with one seed and no trained baseline at p1's K (CPU "
-              "budget; amended before those cells ran)"),
+              "primary family with Holm; baselines at p <= 2 with one seed and a trained baseline at p1's K at one "
+              "layer only (CPU budget; amended before those cells ran)"),
     # two model families: SmolLM2 (Llama architecture, instruct) and Gemma-3-270m (the base model Gemma Scope 2 was
     # trained on); SmolLM2 at 4/8/12 of 30, as in every earlier run (its store and fits are reused), Gemma at two of
     # its 18 layers (second amendment, above)
@@ -96,9 +107,13 @@ SUITE = Suite(
         MethodSpec("random", {}, match="K", match_to=["ep", "pca"], seeds=SEEDS, match_seeds=FINE_SEEDS),
         # the paper's token-efficiency claim: an SAE trained only on the tokens the EP build streamed
         MethodSpec("sae", {**SAE, "width": 2048}, match="tokens", match_to=["ep"], match_p=[8, 10], seeds=[0]),
+        # (third amendment: an SAE at p1's K at one layer, where that K is smallest; exploratory)
+        MethodSpec("sae", SAE, label="sae@K-p1", match="K", match_to=["ep"], match_p=[1], seeds=[0],
+                   k_per_width=K_PER_WIDTH, at_layers={"smollm2-135m": [12]}),
     ],
     store_tokens=1_000_000,
     store_dtype="float16",
+    model_store_dtype={"gemma-3-270m": "float32"},  # (third amendment) its residual stream exceeds float16's range
     concept_sets=["wordnet", "bbc", "saeprobes"],
     concept_test_examples=50,
     prompt_sets=["country_capital", "country_continent", "country_demonym", "country_language"],
