@@ -269,3 +269,11 @@ def test_narrowed_suite_with_a_matched_spec_string_expands_the_matched_cells():
     assert "kmeans@K" in suite.verdicts.primary_baselines
     with pytest.raises(ValueError, match="match_to"):  # a target not in the narrowed suite is named
         narrow_suite(get_suite("default"), methods=["pca", "kmeans@K:match_to=ep"])
+
+
+def test_at_layers_has_a_method_string():
+    spec = MethodSpec.parse("sae@K:match_to=ep,match_p=1,at_layers=smollm2-135m:12/gemma-3-270m:9/gemma-3-270m:12")
+    assert spec.at_layers == {"smollm2-135m": [12], "gemma-3-270m": [9, 12]}
+    assert MethodSpec.parse(spec.to_text()) == spec
+    with pytest.raises(ValueError, match="at_layers takes model:layer pairs"):
+        MethodSpec.parse("pca:at_layers=smollm2-135m")

@@ -122,7 +122,8 @@ class MethodSpec:
 
     # --- method strings (`epbench run --method ...`): parse and its inverse ----------------------------------
     # Keys of a method string that set MethodSpec fields, not method config parameters, and how each is read.
-    SPEC_KEYS = ("match_to", "match_p", "seeds", "match_seeds", "k_per_width", "rows_as_target", "label")
+    SPEC_KEYS = ("match_to", "match_p", "seeds", "match_seeds", "k_per_width", "rows_as_target", "label",
+                 "at_layers")
 
     @staticmethod
     def _single_string(key: str, value: str) -> bool:
@@ -162,6 +163,18 @@ class MethodSpec:
                     raise ValueError(f"method spec {text!r}: match_seeds takes p:seed pairs separated by `/` (e.g. "
                                      f"match_seeds=1:0/2:0), not {value!r}") from None
             return out
+        if key == "at_layers":  # `smollm2-135m:12/gemma-3-270m:9`: model, then one of its layers
+            layers: dict[str, list[int]] = {}
+            for part in value.split("/"):
+                model, _, layer = part.rpartition(":")
+                try:
+                    layers.setdefault(model, []).append(int(layer))
+                except ValueError:
+                    model = ""
+                if not model:
+                    raise ValueError(f"method spec {text!r}: at_layers takes model:layer pairs separated by `/` (e.g. "
+                                     f"at_layers=smollm2-135m:12), not {value!r}")
+            return layers
         if key == "rows_as_target":
             v = _parse_value(value)
             if not isinstance(v, bool):
@@ -249,6 +262,8 @@ class MethodSpec:
             items.append(f"k_per_width={fmt(float(self.k_per_width))}")
         if self.rows_as_target:
             items.append("rows_as_target=true")
+        if self.at_layers:
+            items.append("at_layers=" + "/".join(f"{m}:{L}" for m, layers in self.at_layers.items() for L in layers))
         head = f"{self.method}@{self.match}" if self.match else self.method
         text = head + (":" + ",".join(items) if items else "")
         if MethodSpec.parse(text).label != self.label:
