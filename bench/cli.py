@@ -431,7 +431,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = _suite_from_args(args)
     run = run_suite(suite, args.results_dir, args.run_id, force=args.force, report=not args.no_report,
                     executor=args.executor, address=args.address, stop_at=args.stop_after,
-                    amend=args.amend)
+                    amend=args.amend, first=args.first)
     print_table(run.dir)
     return 0
 
@@ -554,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stop-after", type=stop_time, default=None, metavar="TIME",
                    help="start no cell after this (a duration: 150m, 2.5h; or a time: 2026-12-02T16:00Z); the cell "
                         "in flight finishes and the run stays resumable (for sessions of limited length)")
+    p.add_argument("--first", nargs="+", default=None, metavar="PATTERN",
+                   help="run the unfinished cells whose id matches these globs first, in the order given (e.g. "
+                        "'*random_K__cost' '*random_K*': a sitting uses the fits it already has before starting one "
+                        "it may not finish); results do not depend on the order")
 
     p = sub.add_parser("score", help="score methods on one model and layer; prints one table")
     p.add_argument("--model", "--models", dest="model", default="smollm2-135m")

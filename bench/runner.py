@@ -407,20 +407,32 @@ def damaged_cells(run_dir: str | Path) -> list[Path]:
     return [p for p in sorted((Path(run_dir) / "cells").glob("*.json")) if _damaged_cell(p)]
 
 
+def prioritised(cells: list[Cell], patterns: list[str]) -> list[Cell]:
+    """`cells` with those whose id matches a glob in `patterns` first, by the first pattern each matches, each group
+    in its own order; the rest after them, in theirs. Every cell is computed as it would be in any order."""
+    import fnmatch
+
+    def rank(cell: Cell) -> int:
+        return next((i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(cell.id, p)), len(patterns))
+
+    return sorted(cells, key=rank)  # stable: the suite's order within each group
+
+
 def run_suite(suite: Suite, results_dir: str | Path = "results", run_id: str | None = None, force: bool = False,
               progress: bool = True, report: bool = True, executor: str = "local", address: str | None = None,
-              stop_at: float | None = None, amend: bool = False) -> Run:
+              stop_at: float | None = None, amend: bool = False, first: list[str] | None = None) -> Run:
     """Run every cell (skipping finished ones), then write the report. `executor="ray"` runs the same cells on a
     Ray cluster (`address`; see bench.executors). `stop_at` (a time.time() value; local executor): start no cell
     after it; the cell in flight finishes, the run stays unfinished and says how to continue it. `amend`: accept a
-    suite whose changes touch only method specs without finished cells (recorded in run.json `amendments`)."""
+    suite whose changes touch only method specs without finished cells (recorded in run.json `amendments`).
+    `first`: glob patterns of cell ids to run before the others (`prioritised`)."""
     from tqdm.auto import tqdm
 
     if stop_at is not None and executor != "local":
         raise ValueError("a stop time applies to the local executor only; a Ray run stops when its cells do")
     run = Run(suite, results_dir, run_id, force, progress, amend=amend)
     cells = run.cells()
-    todo = [c for c in cells if not run.is_done(c)]
+    todo = prioritised([c for c in cells if not run.is_done(c)], first or [])
     print(f"[epbench] suite {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished "
           f"-> {run.dir}", flush=True)
     left = 0

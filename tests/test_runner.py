@@ -139,3 +139,16 @@ def test_correspondence_cells_save_per_region_best_f1_for_the_histogram(tmp_path
     share = rows[(rows.metric == "correspondence.share_f1>0.5") & (rows.method == "ep:p=2")].value.item()
     assert np.isclose((f1 > 0.5).mean(), share)
     assert "plots/correspondence.png" in (run.dir / "DETAILS.md").read_text()  # linked from REPORT.md
+
+
+def test_first_patterns_reorder_unfinished_cells_without_dropping_any():
+    from bench.cells import Cell
+    from bench.runner import prioritised
+
+    cells = [Cell("m", L, spec, fam) for spec in ("kmeans@K", "random@K") for fam in ("build", "cost")
+             for L in (4, 8)]
+    got = prioritised(cells, ["*random_K__cost", "*random_K*"])
+    assert [c.id for c in got[:2]] == ["m__L04__random_K__cost", "m__L08__random_K__cost"]
+    assert [c.id for c in got[2:4]] == ["m__L04__random_K__build", "m__L08__random_K__build"]
+    assert got[4:] == cells[:4] and sorted(map(id, got)) == sorted(map(id, cells))  # kmeans@K after, in order
+    assert prioritised(cells, []) == cells
