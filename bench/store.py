@@ -659,12 +659,12 @@ def _extract_locked(req: ExtractionRequest, path: Path, sid: str, weights_id: st
             chunk = contexts[b : min(hi, b + req.batch_contexts)]
             longest = max(len(c.tokens) for c in chunk)  # pad to the batch's longest context, not ctx_len
             out = backend.run_layers(_context_table(chunk, longest, backend.pad_id)["context_tokens"], layers)
-            for L in layers:
-                check_storable(out[L], req, L)
             for i, c in enumerate(chunk):
                 n = len(c.tokens)
                 for L in layers:
-                    acts[L].append(out[L][i, 1:n].to("cpu", np_dtype))
+                    rows = out[L][i, 1:n]  # what is stored: BOS and padding are not
+                    check_storable(rows, req, L)
+                    acts[L].append(rows.to("cpu", np_dtype))
                 meta["context_id"].append(torch.full((n - 1,), b + i, dtype=torch.long))
                 meta["doc_id"].append(torch.full((n - 1,), c.doc_id, dtype=torch.long))
                 meta["position"].append(torch.arange(1, n, dtype=torch.long))

@@ -180,8 +180,9 @@ class UnusablePrompts(ValueError):
 def _attribute_index(attributes: Sequence[str]) -> tuple[list[str], torch.Tensor]:
     names = sorted(set(attributes))
     if len(names) < 2:
-        raise UnusablePrompts(f"feature selection needs prompts of at least 2 attributes, got {names}; use a prompt "
-                         "set with several answer values (e.g. city_continent) or pass features= explicitly")
+        raise UnusablePrompts(f"feature selection needs prompts of at least 2 attributes, got {names}; use a "
+                              "prompt set with several answer values (e.g. city_continent) or pass features= "
+                              "explicitly")
     return names, torch.tensor([names.index(a) for a in attributes])
 
 
@@ -681,9 +682,9 @@ def _run(artefact: Artefact, backend: Any, prompt_set: Any, setup: _Setup, featu
     abl = run.part(test, "target")
     ste = run.part(test, "contrast", abl.batches)
     if not abl.mask.any() and not ste.mask.any():
-        raise UnusablePrompts(f"prompt set {prompt_set.name!r}: no held-out prompt has a target or contrast attribute "
-                         "with a selected feature (every answer value occurs once?); use a set with repeated "
-                         "answers (city_continent, city_country, first_letter) or pass features=")
+        raise UnusablePrompts(f"prompt set {prompt_set.name!r}: no held-out prompt has a target or contrast "
+                              "attribute with a selected feature (every answer value occurs once?); use a set with "
+                              "repeated answers (city_continent, city_country, first_letter) or pass features=")
     clean = run.diffs(abl)  # same texts for both roles
     notes = f"hook {backend.hook_name(L)}; {len(features)} attribute features selected on {len(train)} train " \
             f"prompts; control: the best of {artefact.K} random directions by the same rule ({control_kind} readout)"

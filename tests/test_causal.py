@@ -446,7 +446,8 @@ def test_causal_family_skips_a_prompt_set_the_answers_leave_unusable_and_says_wh
     suite = SimpleNamespace(seed=0, causal_alphas=[1.0], causal_unrelated_texts=1, causal_kl_targets=[0.1],
                             causal_ablation_scales=[1.0])
     ctx = SimpleNamespace(suite=suite, backend=backend, model_name="tiny-gemma2", unrelated_texts=["some text here"],
-                          prompt_sets={"unique": unique, "letters": letter_prompts()}, cell_artefacts=lambda cell: [art])
+                          prompt_sets={"unique": unique, "letters": letter_prompts()},
+                          cell_artefacts=lambda cell: [art])
     rows = _causal_rows(ctx, SimpleNamespace(spec="lin", layer=LAYER))
     (skip,) = [r for r in rows if r.metric == "causal.prompt_sets_skipped"]
     assert skip.value == 1 and skip.n == 2 and skip.detail.startswith("skipped 1 of 2 prompt sets: unique (prompt set")

@@ -42,10 +42,13 @@ def write_report(run_dir: Path) -> Path:
     plan = plan_of(run_dir)
     table = verdicts_and_refusals(run_dir, cells=cells, plan=plan)
     models = sorted({str(c.get("cell", {}).get("model")) for c in cells if c.get("cell", {}).get("model")})
-    per_model: dict[str, list] = {}  # each model on its own (Holm within its primary family), beside the pooled verdict
-    claims = {"": scorecard(run_dir, table.verdicts, cells)}  # the claims are model-specific: scored per model
-    if len(models) > 1:
-        claims = {}
+    # the claims are model-specific: each model is scored on its own cells (and, with several, its primary family
+    # Holm-corrected on its own beside the pooled verdict)
+    per_model: dict[str, list] = {}
+    claims = {}
+    if len(models) < 2:
+        claims[""] = scorecard(run_dir, table.verdicts, cells)
+    else:
         for m in models:
             mine = [c for c in cells if c.get("cell", {}).get("model") == m]
             per_model[m] = verdicts_and_refusals(run_dir, cells=mine, plan=plan).verdicts
